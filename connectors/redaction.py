@@ -1,0 +1,77 @@
+"""Masking secrets before data reaches an audit record, a log line, a card or an error message.
+
+Two nets: keys that name a secret (`password`, `api_key`, `authorization`...) have their values
+masked whatever they hold, and values that look like a credential (Slack, GitHub and Standard
+Webhooks tokens, private keys, URLs with a password) are masked whatever their key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+MASK = "[redacted]"
+
+_SECRET_KEY = re.compile(
+    r"(pass(word|wd)?|secret|token|api[_-]?key|apikey|authori[sz]ation|private[_-]?key|"
+    r"signature|cookie|credential|session[_-]?id|client[_-]?secret)",
+    re.IGNORECASE,
+)
+_SECRET_VALUE = re.compile(
+    r"(xox[abposr]-[A-Za-z0-9-]{6,}|xapp-[A-Za-z0-9-]{6,}|whsec_[A-Za-z0-9+/=]{8,}|"
+    r"gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|"
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?(-----END [A-Z ]*PRIVATE KEY-----|$)|"
+    r"\bBearer\s+[A-Za-z0-9._~+/-]{8,}=*)"
+)
+
+_SECRET_QUERY = re.compile(
+    r"([?&](?:[a-z_]*token|[a-z_]*key|secret|sig|signature|password|code)=)[^&#\s]+", re.IGNORECASE
+)
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key))
+
+
+def redact_text(text: str) -> str:
+    """Mask credential-looking substrings and the password part of URLs in free text."""
+    masked = _SECRET_VALUE.sub(MASK, text)
+    masked = _SECRET_QUERY.sub(rf"\g<1>{MASK}", masked)
+    return re.sub(
+        r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@", rf"\g<scheme>{MASK}@", masked
+    )
+
+
+def redact_url(url: str) -> str:
+    """Keep scheme, host and path of a URL; drop credentials and query values (often tokens)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    if parts.username or parts.password:
+        host = f"{MASK}@{host}"
+    query = "&".join(f"{pair.split('=', 1)[0]}={MASK}" for pair in parts.query.split("&") if pair)
+    return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` (JSON-like data) with secrets masked."""
+    if isinstance(value, dict):
+        return {
+            # Only strings are masked by key: `tokens_used: 5` is a count, not a credential.
+            key: (
+                MASK
+                if isinstance(key, str) and is_secret_key(key) and isinstance(item, str) and item
+                else redact(item)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(item) for item in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
