@@ -1,0 +1,234 @@
+"""The audit chain: append-only records, each hash covering the previous record's hash.
+
+`append` runs inside the caller's transaction, so a record exists exactly when the change it
+describes does. The single `audit_head` row is locked while appending (`FOR UPDATE` on
+PostgreSQL; SQLite transactions here already hold the database write lock), which orders
+appenders across replicas and gives the previous hash without scanning the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from connectors.redaction import redact
+from storage.models import AuditHead, AuditRecord
+
+GENESIS = "0" * 64
+_HEAD_ID = 1
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What happened, to what, by whom. `data` is redacted before it is stored."""
+
+    kind: str
+    actor: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    event_id: str | None = None
+    at: datetime | None = None
+
+
+def record_hash(
+    *,
+    seq: int,
+    at: datetime,
+    kind: str,
+    actor: str,
+    request_id: str | None,
+    event_id: str | None,
+    data: Mapping[str, Any],
+    prev_hash: str,
+) -> str:
+    # Canonical JSON (sorted keys, no spaces) so the hash does not depend on how a backend
+    # stores JSON: PostgreSQL's JSONB, for one, reorders keys.
+    canonical = json.dumps(
+        {
+            "seq": seq,
+            "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
+            "kind": kind,
+            "actor": actor,
+            "request_id": request_id,
+            "event_id": event_id,
+            "data": data,
+            "prev_hash": prev_hash,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def append(session: AsyncSession, entries: Sequence[AuditEntry]) -> list[int]:
+    """Append `entries` in order inside the caller's transaction; returns their sequence numbers."""
+    if not entries:
+        return []
+    # The head row is created by the first migration; locking it orders appenders.
+    head = (
+        await session.execute(select(AuditHead).where(AuditHead.id == _HEAD_ID).with_for_update())
+    ).scalar_one()
+    seq, prev = head.seq, head.hash
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        seq += 1
+        # Microseconds are the finest every backend keeps; the hash must see what is stored.
+        at = (entry.at or now).astimezone(UTC)
+        data = redact(dict(entry.data))
+        digest = record_hash(
+            seq=seq,
+            at=at,
+            kind=entry.kind,
+            actor=entry.actor,
+            request_id=entry.request_id,
+            event_id=entry.event_id,
+            data=data,
+            prev_hash=prev,
+        )
+        rows.append(
+            {
+                "seq": seq,
+                "at": at,
+                "kind": entry.kind,
+                "actor": entry.actor,
+                "request_id": entry.request_id,
+                "event_id": entry.event_id,
+                "data": data,
+                "prev_hash": prev,
+                "hash": digest,
+            }
+        )
+        prev = digest
+    await session.execute(insert(AuditRecord), rows)
+    await session.execute(
+        update(AuditHead).where(AuditHead.id == _HEAD_ID).values(seq=seq, hash=prev)
+    )
+    return [row["seq"] for row in rows]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    first_bad_seq: int | None = None
+    problem: str = ""
+
+
+async def _records(
+    session: AsyncSession, since: datetime | None = None
+) -> AsyncIterator[AuditRecord]:
+    query = select(AuditRecord).order_by(AuditRecord.seq)
+    if since is not None:
+        query = query.where(AuditRecord.at >= since)
+    stream = await session.stream_scalars(query.execution_options(yield_per=1000))
+    async for record in stream:
+        yield record
+
+
+async def verify(session: AsyncSession) -> VerifyResult:
+    """Walk the chain in order; name the first record that was changed, removed or moved."""
+    expected_seq = 1
+    prev = GENESIS
+    checked = 0
+    async for record in _records(session):
+        if record.seq != expected_seq:
+            return VerifyResult(
+                False,
+                checked,
+                expected_seq,
+                f"record {expected_seq} is missing (next present is {record.seq})",
+            )
+        if record.prev_hash != prev:
+            return VerifyResult(
+                False,
+                checked,
+                record.seq,
+                f"record {record.seq} does not follow record {record.seq - 1} "
+                "(removed, reordered or rewritten)",
+            )
+        digest = record_hash(
+            seq=record.seq,
+            at=record.at,
+            kind=record.kind,
+            actor=record.actor,
+            request_id=record.request_id,
+            event_id=record.event_id,
+            data=record.data,
+            prev_hash=record.prev_hash,
+        )
+        if digest != record.hash:
+            return VerifyResult(False, checked, record.seq, f"record {record.seq} was changed")
+        prev = record.hash
+        expected_seq += 1
+        checked += 1
+    head = (await session.execute(select(AuditHead))).scalar_one_or_none()
+    last_seq = expected_seq - 1
+    if head is None:
+        return VerifyResult(False, checked, 1, "the chain head is missing")
+    if head.seq != last_seq or head.hash != prev:
+        return VerifyResult(
+            False,
+            checked,
+            last_seq + 1,
+            f"the chain ends at record {last_seq} but its head says {head.seq}: "
+            "records were removed from the end",
+        )
+    return VerifyResult(True, checked)
+
+
+EXPORT_FIELDS = (
+    "seq",
+    "at",
+    "kind",
+    "actor",
+    "request_id",
+    "event_id",
+    "data",
+    "prev_hash",
+    "hash",
+)
+
+
+def _as_row(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "seq": record.seq,
+        "at": record.at.isoformat(timespec="microseconds"),
+        "kind": record.kind,
+        "actor": record.actor,
+        "request_id": record.request_id,
+        "event_id": record.event_id,
+        "data": record.data,
+        "prev_hash": record.prev_hash,
+        "hash": record.hash,
+    }
+
+
+async def export(
+    session: AsyncSession, out: TextIO, *, fmt: str, since: datetime | None = None
+) -> int:
+    """Write records (from `since`, if given) as JSON lines or CSV; returns how many."""
+    if fmt not in ("jsonl", "csv"):
+        raise ValueError(f"unknown export format {fmt!r} (jsonl or csv)")
+    writer = None
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
+        writer.writeheader()
+    count = 0
+    async for record in _records(session, since):
+        row = _as_row(record)
+        if writer is None:
+            out.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+        else:
+            writer.writerow({**row, "data": json.dumps(row["data"], sort_keys=True)})
+        count += 1
+    return count

@@ -1,0 +1,345 @@
+"""Recording accepted events: event, decision, request, audit and outbox rows in one transaction.
+
+Built for throughput: a batch of deliveries is written with a handful of statements (one
+`SELECT` for duplicates, one for pending subjects, one multi-row `INSERT` per table), so the
+cost of a commit is shared by every delivery in the batch. `storage.batcher` forms the batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import bindparam, insert, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from connectors.events import Event
+from connectors.redaction import redact_url
+from policies.model import Decision, DecisionKind
+from storage import audit
+from storage.audit import AuditEntry
+from storage.models import EventRecord, OutboxJob, Request, RequestStatus, new_id
+from storage.outbox import job_row
+
+_AUTO_STATUS = {
+    DecisionKind.auto_approve: RequestStatus.approved,
+    DecisionKind.auto_reject: RequestStatus.rejected,
+}
+
+
+@dataclass(frozen=True)
+class Intake:
+    """An accepted delivery and what the policy decided about it."""
+
+    event: Event
+    decision: Decision
+    # Outbox job kind that applies a final decision back to the source, or None.
+    sync_kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused delivery: nothing is stored but this audit record."""
+
+    source: str
+    reason: str
+    detail: str
+    delivery_id: str | None = None
+    remote: str | None = None
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    event_id: str
+    request_id: str | None
+    decision: str
+    status: str | None
+    rule: str
+    duplicate: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "decision": self.decision,
+            "status": self.status,
+            "rule": self.rule,
+        }
+
+
+def sync_back_job(request_id: str, sync_kind: str, now: datetime) -> dict[str, Any]:
+    # One sync-back per request: the key doubles as the delivery id the far side dedupes on.
+    return job_row(
+        kind=sync_kind,
+        idempotency_key=f"sync-{request_id}",
+        payload={"request_id": request_id},
+        request_id=request_id,
+        now=now,
+    )
+
+
+def _event_audit_data(event: Event) -> dict[str, Any]:
+    data = event.model_dump(mode="json", exclude={"sync", "callback_url"})
+    if event.callback_url is not None:
+        data["callback_url"] = redact_url(str(event.callback_url))
+    return data
+
+
+def _request_row(
+    request_id: str, event_id: str, intake: Intake, status: RequestStatus, now: datetime
+) -> dict[str, Any]:
+    event, decision, route = intake.event, intake.decision, intake.decision.route
+    final = status.is_final
+    return {
+        "id": request_id,
+        "event_id": event_id,
+        "source": event.source,
+        "kind": event.kind,
+        "subject": event.subject,
+        "version": event.version,
+        "title": event.title,
+        "actor_id": event.actor.id if event.actor else None,
+        "status": status.value,
+        "decision_kind": decision.kind.value,
+        "rule": decision.rule,
+        "route": route.model_dump(mode="json") if route else None,
+        "created_at": now,
+        "expires_at": now + route.expires_after if route and route.expires_after else None,
+        "decided_at": now if final else None,
+        "decided_by": (
+            [{"id": f"policy:{decision.rule}", "name": f"policy rule {decision.rule}"}]
+            if final
+            else []
+        ),
+        "reason": f"{status.value} by policy rule {decision.rule}" if final else "",
+        "superseded_by": None,
+        "sync_kind": intake.sync_kind,
+    }
+
+
+async def _existing_answers(
+    session: AsyncSession, delivery_ids: Sequence[str]
+) -> dict[str, IntakeResult]:
+    rows = await session.execute(
+        select(
+            EventRecord.delivery_id,
+            EventRecord.id,
+            EventRecord.request_id,
+            EventRecord.decision_kind,
+            EventRecord.rule,
+            Request.status,
+        )
+        .outerjoin(Request, Request.id == EventRecord.request_id)
+        .where(EventRecord.delivery_id.in_(delivery_ids))
+    )
+    return {
+        row.delivery_id: IntakeResult(
+            event_id=row.id,
+            request_id=row.request_id,
+            decision=row.decision_kind,
+            status=row.status,
+            rule=row.rule,
+            duplicate=True,
+        )
+        for row in rows
+    }
+
+
+async def _pending_by_subject(
+    session: AsyncSession, subjects: set[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """(source, subject) -> (request id, version) of the pending request, if any."""
+    if not subjects:
+        return {}
+    rows = await session.execute(
+        select(Request.source, Request.subject, Request.id, Request.version).where(
+            Request.status == RequestStatus.pending.value,
+            tuple_(Request.source, Request.subject).in_(list(subjects)),
+        )
+    )
+    return {(r.source, r.subject): (r.id, r.version) for r in rows}
+
+
+async def _write_batch(
+    session: AsyncSession, intakes: Sequence[Intake], refusals: Sequence[Refusal]
+) -> list[IntakeResult]:
+    now = datetime.now(UTC)
+    answers = await _existing_answers(session, [i.event.delivery_id for i in intakes])
+    pending = await _pending_by_subject(
+        session, {(i.event.source, i.event.subject) for i in intakes}
+    )
+    events: list[dict[str, Any]] = []
+    requests: list[dict[str, Any]] = []
+    jobs: list[dict[str, Any]] = []
+    superseded: list[dict[str, Any]] = []
+    entries: list[AuditEntry] = [
+        AuditEntry(
+            kind="event.refused",
+            actor=f"source:{refusal.source}",
+            data={
+                "reason": refusal.reason,
+                "detail": refusal.detail,
+                "delivery_id": refusal.delivery_id,
+                "remote": refusal.remote,
+            },
+            at=now,
+        )
+        for refusal in refusals
+    ]
+    new_requests: dict[str, dict[str, Any]] = {}
+    results: list[IntakeResult] = []
+    for intake in intakes:
+        event, decision = intake.event, intake.decision
+        known = answers.get(event.delivery_id)
+        if known is not None:
+            results.append(known)
+            continue
+        event_id = new_id("e")
+        key = (event.source, event.subject)
+        current = pending.get(key)
+        entries.append(
+            AuditEntry(
+                kind="event.received",
+                actor=f"source:{event.source}",
+                data=_event_audit_data(event),
+                event_id=event_id,
+                at=now,
+            )
+        )
+        request_id: str | None = None
+        status: RequestStatus | None = None
+        if current is not None and current[1] == event.version:
+            # The same content again under a new delivery id: it is the same request.
+            request_id, status = current[0], RequestStatus.pending
+        else:
+            if decision.kind is not DecisionKind.ignore:
+                request_id = new_id("r")
+                status = _AUTO_STATUS.get(decision.kind, RequestStatus.pending)
+                row = _request_row(request_id, event_id, intake, status, now)
+                requests.append(row)
+                new_requests[request_id] = row
+                if status.is_final and intake.sync_kind:
+                    jobs.append(sync_back_job(request_id, intake.sync_kind, now))
+            if current is not None:
+                cancel = {
+                    "status": RequestStatus.cancelled.value,
+                    "superseded_by": request_id,
+                    "reason": f"superseded by version {event.version}",
+                    "decided_at": now,
+                }
+                if current[0] in new_requests:  # created earlier in this very batch
+                    new_requests[current[0]].update(cancel)
+                else:
+                    superseded.append(
+                        {f"b_{k}": v for k, v in cancel.items()} | {"b_id": current[0]}
+                    )
+                entries.append(
+                    AuditEntry(
+                        kind="request.superseded",
+                        actor=f"source:{event.source}",
+                        data={"by": request_id, "version": event.version},
+                        request_id=current[0],
+                        event_id=event_id,
+                        at=now,
+                    )
+                )
+                del pending[key]
+            if status is RequestStatus.pending and request_id is not None:
+                pending[key] = (request_id, event.version)
+        entries.append(
+            AuditEntry(
+                kind="decision.made",
+                actor="policy",
+                data={
+                    "decision": decision.kind.value,
+                    "rule": decision.rule,
+                    "failed_closed": decision.failed_closed,
+                    "shadow": [s.model_dump(mode="json") for s in decision.shadow],
+                    "trace": [t.model_dump(mode="json") for t in decision.trace],
+                },
+                request_id=request_id,
+                event_id=event_id,
+                at=now,
+            )
+        )
+        events.append(
+            {
+                "id": event_id,
+                "delivery_id": event.delivery_id,
+                "source": event.source,
+                "kind": event.kind,
+                "subject": event.subject,
+                "version": event.version,
+                "body": event.model_dump(mode="json"),
+                "decision": decision.model_dump(mode="json"),
+                "decision_kind": decision.kind.value,
+                "rule": decision.rule,
+                "request_id": request_id,
+                "received_at": event.received_at,
+            }
+        )
+        result = IntakeResult(
+            event_id=event_id,
+            request_id=request_id,
+            decision=decision.kind.value,
+            status=status.value if status else None,
+            rule=decision.rule,
+        )
+        results.append(result)
+        # A later duplicate in this same batch gets the same answer.
+        answers[event.delivery_id] = dataclasses.replace(result, duplicate=True)
+
+    if superseded:
+        # Core table, not the ORM entity: with a list of parameters the ORM would switch to its
+        # "bulk UPDATE by primary key" mode, which ignores the status guard below.
+        table = Request.__table__
+        await session.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"), table.c.status == RequestStatus.pending.value)
+            .values(
+                status=bindparam("b_status"),
+                superseded_by=bindparam("b_superseded_by"),
+                reason=bindparam("b_reason"),
+                decided_at=bindparam("b_decided_at"),
+            ),
+            superseded,
+        )
+    if events:
+        await session.execute(insert(EventRecord), events)
+    if requests:
+        await session.execute(insert(Request), requests)
+    if jobs:
+        await session.execute(insert(OutboxJob), jobs)
+    await audit.append(session, entries)
+    return results
+
+
+async def record(
+    sessions: async_sessionmaker[AsyncSession],
+    intakes: Sequence[Intake],
+    refusals: Sequence[Refusal] = (),
+) -> list[IntakeResult]:
+    """Write a batch in one transaction. Results are in the order of `intakes`.
+
+    If another replica wrote a conflicting row meanwhile (same delivery id, or a pending request
+    for the same subject), the batch is retried one delivery per transaction: the loser of the
+    race then sees the winner's row and answers as a duplicate or supersedes it.
+    """
+    try:
+        async with sessions.begin() as session:
+            return await _write_batch(session, intakes, refusals)
+    except IntegrityError:
+        if len(intakes) + len(refusals) <= 1:
+            # Retry once: the conflicting row is committed now, so this pass sees it.
+            async with sessions.begin() as session:
+                return await _write_batch(session, intakes, refusals)
+    results: list[IntakeResult] = []
+    if refusals:
+        async with sessions.begin() as session:
+            await _write_batch(session, (), refusals)
+    for intake in intakes:
+        results.extend(await record(sessions, [intake]))
+    return results

@@ -1,0 +1,194 @@
+"""The tables. Schema changes go through Alembic (`storage/migrations`), never `create_all`."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from storage.types import UTCDateTime
+
+# JSONB on PostgreSQL (indexable, compact); plain JSON text elsewhere.
+JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def new_id(prefix: str) -> str:
+    """Short, unguessable, copy-pasteable ids: `r_3kq8v0x2m5t7c9w1` (prefix says what it is)."""
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
+    return prefix + "_" + "".join(secrets.choice(alphabet) for _ in range(16))
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class RequestStatus(StrEnum):
+    pending = "pending"
+    approved = "approved"
+    rejected = "rejected"
+    expired = "expired"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self is not RequestStatus.pending
+
+
+class JobStatus(StrEnum):
+    pending = "pending"  # waiting for next_attempt_at
+    running = "running"  # claimed by a worker until locked_until
+    done = "done"
+    dead = "dead"  # dead-lettered: an operator may replay it
+
+
+class EventRecord(Base):
+    """Every accepted event, as received (the body is kept whole so it can be synced back)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # Namespaced by connector ("webhook:<webhook-id>"): the same id again is the same delivery.
+    delivery_id: Mapped[str] = mapped_column(String(300), unique=True)
+    source: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(512))
+    version: Mapped[str] = mapped_column(String(128))
+    body: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    decision: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    decision_kind: Mapped[str] = mapped_column(String(20))
+    rule: Mapped[str] = mapped_column(String(200))
+    request_id: Mapped[str | None] = mapped_column(String(40))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_events_source_kind_received", "source", "kind", "received_at"),)
+
+
+class Request(Base):
+    """One decision to make about one event version."""
+
+    __tablename__ = "requests"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id"))
+    source: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(512))
+    version: Mapped[str] = mapped_column(String(128))
+    title: Mapped[str] = mapped_column(Text)
+    actor_id: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(20))
+    decision_kind: Mapped[str] = mapped_column(String(20))
+    rule: Mapped[str] = mapped_column(String(200))
+    route: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    decided_by: Mapped[list[dict[str, str]]] = mapped_column(JSONType, default=list)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    superseded_by: Mapped[str | None] = mapped_column(String(40))
+    # The outbox job kind that applies the final decision to the source ("webhook.callback"...);
+    # None when the source asked for no answer.
+    sync_kind: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        # At most one pending request per subject: a second replica racing to create one for
+        # the same subject fails here instead of leaving two live cards for one thing.
+        Index(
+            "uq_requests_pending_subject",
+            "source",
+            "subject",
+            unique=True,
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_requests_status_created", "status", "created_at"),
+    )
+
+
+class Vote(Base):
+    __tablename__ = "votes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
+    user_id: Mapped[str] = mapped_column(String(64))
+    user_name: Mapped[str] = mapped_column(String(256), default="")
+    choice: Mapped[str] = mapped_column(String(10))  # approve | reject
+    reason: Mapped[str] = mapped_column(Text, default="")
+    groups: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    # One vote per person per request, enforced by the database, not by a read-then-write.
+    __table_args__ = (UniqueConstraint("request_id", "user_id", name="uq_votes_request_user"),)
+
+
+class AuditRecord(Base):
+    """Append-only, hash-chained. `hash` covers `prev_hash` and every other column."""
+
+    __tablename__ = "audit_records"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(300))
+    request_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    event_id: Mapped[str | None] = mapped_column(String(40))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The chain's last link, one row. Locking it serialises appenders across replicas, and it
+    lets `audit verify` notice that records were cut off the end."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class OutboxJob(Base):
+    """A side effect outside the database, written in the transaction that caused it."""
+
+    __tablename__ = "outbox_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    # Sent as the delivery id (e.g. `webhook-id`) on every attempt, so the far side can dedupe.
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_outbox_jobs_due", "status", "next_attempt_at"),)

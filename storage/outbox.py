@@ -1,0 +1,416 @@
+"""Outbox jobs: side effects written in the same transaction as the change that causes them.
+
+A job's life: `pending` → (claimed) `running` → `done`, or back to `pending` for a later attempt,
+or `dead` once retrying is pointless; an operator may `replay` a dead job, which makes it pending
+again under the same idempotency key (the far side dedupes on it).
+
+A claim is a lease: `locked_until` says how long the claiming worker owns the job. A worker that
+crashes, hangs or loses the database simply lets the lease run out and another worker claims the
+job again. Every state change after a claim is guarded by the claim's `(attempts, locked_until)`
+pair, so a worker that outlived its lease cannot overwrite what the newer claim recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from connectors.redaction import redact_text
+from storage.audit import AuditEntry, append
+from storage.errors import InvalidTransition, NotFound
+from storage.models import JobStatus, OutboxJob, new_id
+
+# Long enough for a status line and a body snippet; an error is a hint, not a log archive.
+MAX_ERROR_CHARS = 2000
+# Who the audit chain names for changes the worker makes on its own.
+OUTBOX_ACTOR = "system:outbox"
+
+
+def job_row(
+    *,
+    kind: str,
+    idempotency_key: str,
+    payload: dict[str, Any],
+    now: datetime,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """A new pending job as a row for a core `insert(OutboxJob)` (batched with other rows)."""
+    return {
+        "id": new_id("j"),
+        "kind": kind,
+        "request_id": request_id,
+        "idempotency_key": idempotency_key,
+        "payload": payload,
+        "status": JobStatus.pending.value,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "locked_until": None,
+        "last_error": "",
+        "created_at": now,
+        "updated_at": now,
+        "done_at": None,
+    }
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job as one worker claimed it. `attempts` is this attempt's number (1 for the first);
+    together with `locked_until` it identifies the claim (the lease token)."""
+
+    id: str
+    kind: str
+    request_id: str | None
+    idempotency_key: str
+    payload: dict[str, Any]
+    attempts: int
+    locked_until: datetime
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job's whole state, for operators (`signoff requests show`, `signoff replay`)."""
+
+    id: str
+    kind: str
+    request_id: str | None
+    idempotency_key: str
+    payload: dict[str, Any]
+    status: JobStatus
+    attempts: int
+    next_attempt_at: datetime
+    locked_until: datetime | None
+    last_error: str
+    created_at: datetime
+    updated_at: datetime
+    done_at: datetime | None
+
+
+def _view(job: OutboxJob) -> JobView:
+    return JobView(
+        id=job.id,
+        kind=job.kind,
+        request_id=job.request_id,
+        idempotency_key=job.idempotency_key,
+        payload=job.payload,
+        status=JobStatus(job.status),
+        attempts=job.attempts,
+        next_attempt_at=job.next_attempt_at,
+        locked_until=job.locked_until,
+        last_error=job.last_error,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        done_at=job.done_at,
+    )
+
+
+def clean_error(error: str) -> str:
+    """What may be stored or audited of an error text: secrets masked, length bounded."""
+    # Cut before masking too: the masking regexes cost more than linear time on long runs of
+    # letters, and an error text may quote whatever a remote server answered. A secret cut at
+    # this boundary lies far beyond what is kept below.
+    masked = redact_text(error[: MAX_ERROR_CHARS * 4])
+    if len(masked) > MAX_ERROR_CHARS:
+        masked = masked[: MAX_ERROR_CHARS - 1] + "…"
+    return masked
+
+
+async def enqueue(
+    session: AsyncSession,
+    *,
+    kind: str,
+    idempotency_key: str,
+    payload: dict[str, Any],
+    now: datetime,
+    request_id: str | None = None,
+) -> str:
+    """Add a job in the caller's transaction; returns its id.
+
+    The same idempotency key twice is one job: the second call inserts nothing and returns the
+    first job's id (whatever its payload), so a retried intake cannot send a callback twice.
+    """
+    row = job_row(
+        kind=kind, idempotency_key=idempotency_key, payload=payload, now=now, request_id=request_id
+    )
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = (
+        insert(OutboxJob)
+        .values(row)
+        .on_conflict_do_nothing(index_elements=[OutboxJob.idempotency_key])
+        .returning(OutboxJob.id)
+    )
+    inserted = (await session.execute(statement)).scalar_one_or_none()
+    if inserted is not None:
+        return inserted
+    # On PostgreSQL a conflicting insert by a concurrent transaction is waited for before
+    # ON CONFLICT decides, so by now the other row is committed and visible to this statement.
+    existing = await session.scalar(
+        select(OutboxJob.id).where(OutboxJob.idempotency_key == idempotency_key)
+    )
+    assert existing is not None, "ON CONFLICT skipped the insert, so the key must exist"
+    return existing
+
+
+async def claim(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    worker: str,
+    limit: int,
+    lease: timedelta,
+    now: datetime,
+) -> list[ClaimedJob]:
+    """Take up to `limit` due jobs for `worker` and lease them until `now + lease`.
+
+    Due means pending and past `next_attempt_at`, or running with an expired lease (the worker
+    that held it is gone). `worker` names the claimant in errors; ownership itself is the lease.
+    """
+    if limit <= 0:
+        return []
+    locked_until = now + lease
+    due = (
+        select(OutboxJob.id)
+        .where(
+            or_(
+                and_(
+                    OutboxJob.status == JobStatus.pending.value,
+                    OutboxJob.next_attempt_at <= now,
+                ),
+                and_(
+                    OutboxJob.status == JobStatus.running.value,
+                    OutboxJob.locked_until < now,
+                ),
+            )
+        )
+        .order_by(OutboxJob.next_attempt_at, OutboxJob.id)
+        .limit(limit)
+        # PostgreSQL: rows another replica is claiming right now are skipped, not waited for,
+        # and never handed out twice. SQLite renders no FOR UPDATE; its BEGIN IMMEDIATE
+        # transaction (storage.db) already holds the database write lock for the whole claim.
+        .with_for_update(skip_locked=True)
+    )
+    statement = (
+        update(OutboxJob)
+        .where(OutboxJob.id.in_(due.scalar_subquery()))
+        .values(
+            status=JobStatus.running.value,
+            attempts=OutboxJob.attempts + 1,
+            locked_until=locked_until,
+            updated_at=now,
+        )
+        .returning(
+            OutboxJob.id,
+            OutboxJob.kind,
+            OutboxJob.request_id,
+            OutboxJob.idempotency_key,
+            OutboxJob.payload,
+            OutboxJob.attempts,
+            OutboxJob.next_attempt_at,
+        )
+        # Nothing in the session mirrors these rows; skip the ORM's bookkeeping.
+        .execution_options(synchronize_session=False)
+    )
+    async with sessions() as session, session.begin():
+        rows = (await session.execute(statement)).all()
+    # RETURNING has no order; hand jobs out oldest-due first as the claim chose them.
+    rows = sorted(rows, key=lambda row: (row.next_attempt_at, row.id))
+    return [
+        ClaimedJob(
+            id=row.id,
+            kind=row.kind,
+            request_id=row.request_id,
+            idempotency_key=row.idempotency_key,
+            payload=row.payload,
+            attempts=row.attempts,
+            locked_until=locked_until,
+        )
+        for row in rows
+    ]
+
+
+def _still_ours(job: ClaimedJob) -> ColumnElement[bool]:
+    # `attempts` alone is not enough: a replay resets it, so after expiry, dead-lettering and
+    # a replay a new claim can carry the same number. `locked_until` differs between claims.
+    return and_(
+        OutboxJob.id == job.id,
+        OutboxJob.status == JobStatus.running.value,
+        OutboxJob.attempts == job.attempts,
+        OutboxJob.locked_until == job.locked_until,
+    )
+
+
+async def _finish_attempt(
+    sessions: async_sessionmaker[AsyncSession],
+    job: ClaimedJob,
+    *,
+    values: dict[str, Any],
+    audit_kind: str,
+    audit_data: dict[str, Any],
+    now: datetime,
+) -> bool:
+    statement = (
+        update(OutboxJob)
+        .where(_still_ours(job))
+        .values(updated_at=now, locked_until=None, **values)
+        .returning(OutboxJob.id)
+        .execution_options(synchronize_session=False)
+    )
+    async with sessions() as session, session.begin():
+        applied = (await session.execute(statement)).scalar_one_or_none() is not None
+        if applied:
+            await append(
+                session,
+                [
+                    AuditEntry(
+                        kind=audit_kind,
+                        actor=OUTBOX_ACTOR,
+                        data={"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
+                        | audit_data,
+                        request_id=job.request_id,
+                        at=now,
+                    )
+                ],
+            )
+    return applied
+
+
+async def complete(
+    sessions: async_sessionmaker[AsyncSession],
+    job: ClaimedJob,
+    *,
+    now: datetime,
+    detail: str = "",
+) -> bool:
+    """Mark the claimed attempt delivered; False if the claim was lost (nothing changed).
+
+    `last_error` is kept: "delivered on attempt 3" is more useful next to why 1 and 2 failed.
+    """
+    return await _finish_attempt(
+        sessions,
+        job,
+        values={"status": JobStatus.done.value, "done_at": now},
+        audit_kind="sync.delivered",
+        audit_data={"detail": clean_error(detail)} if detail else {},
+        now=now,
+    )
+
+
+async def retry_later(
+    sessions: async_sessionmaker[AsyncSession],
+    job: ClaimedJob,
+    *,
+    error: str,
+    next_attempt_at: datetime,
+    now: datetime,
+) -> bool:
+    """Record a failed attempt and make the job due again at `next_attempt_at`."""
+    error = clean_error(error)
+    return await _finish_attempt(
+        sessions,
+        job,
+        values={
+            "status": JobStatus.pending.value,
+            "next_attempt_at": next_attempt_at,
+            "last_error": error,
+        },
+        audit_kind="sync.attempt_failed",
+        audit_data={"error": error, "next_attempt_at": next_attempt_at.isoformat()},
+        now=now,
+    )
+
+
+async def dead_letter(
+    sessions: async_sessionmaker[AsyncSession],
+    job: ClaimedJob,
+    *,
+    error: str,
+    now: datetime,
+) -> bool:
+    """Stop retrying: the job waits for an operator's `replay`."""
+    error = clean_error(error)
+    return await _finish_attempt(
+        sessions,
+        job,
+        values={"status": JobStatus.dead.value, "last_error": error},
+        audit_kind="sync.dead_lettered",
+        audit_data={"error": error},
+        now=now,
+    )
+
+
+async def replay(
+    sessions: async_sessionmaker[AsyncSession],
+    job_id: str,
+    *,
+    operator: str,
+    now: datetime,
+) -> JobView:
+    """Make a dead job due now with a fresh attempt budget and the same idempotency key.
+
+    Raises NotFound for an unknown id and InvalidTransition unless the job is dead: replaying a
+    pending, running or done job would deliver it twice.
+    """
+    async with sessions() as session, session.begin():
+        # A guarded update rather than read-then-write: two operators replaying at once
+        # get one replay and one InvalidTransition.
+        replayed = (
+            await session.execute(
+                update(OutboxJob)
+                .where(OutboxJob.id == job_id, OutboxJob.status == JobStatus.dead.value)
+                .values(
+                    status=JobStatus.pending.value,
+                    attempts=0,
+                    next_attempt_at=now,
+                    locked_until=None,
+                    done_at=None,
+                    updated_at=now,
+                )
+                .returning(OutboxJob)
+                .execution_options(synchronize_session=False)
+            )
+        ).scalar_one_or_none()
+        if replayed is None:
+            current = await session.scalar(select(OutboxJob.status).where(OutboxJob.id == job_id))
+            if current is None:
+                raise NotFound(f"no outbox job {job_id!r}")
+            raise InvalidTransition(
+                f"outbox job {job_id} is {current}; only a dead (dead-lettered) job can be replayed"
+            )
+        await append(
+            session,
+            [
+                AuditEntry(
+                    kind="operator.replay",
+                    actor=operator,
+                    data={
+                        "job_id": replayed.id,
+                        "kind": replayed.kind,
+                        "idempotency_key": replayed.idempotency_key,
+                        "last_error": replayed.last_error,
+                    },
+                    request_id=replayed.request_id,
+                    at=now,
+                )
+            ],
+        )
+        return _view(replayed)
+
+
+async def get_job(session: AsyncSession, job_id: str) -> JobView | None:
+    job = await session.get(OutboxJob, job_id, populate_existing=True)
+    return None if job is None else _view(job)
+
+
+async def list_jobs_for_request(session: AsyncSession, request_id: str) -> Sequence[JobView]:
+    """The request's jobs, oldest first."""
+    jobs = await session.scalars(
+        select(OutboxJob)
+        .where(OutboxJob.request_id == request_id)
+        .order_by(OutboxJob.created_at, OutboxJob.id)
+    )
+    return [_view(job) for job in jobs]

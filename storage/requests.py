@@ -1,0 +1,192 @@
+"""Reading requests, and the one guarded way to decide one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from storage import audit
+from storage.audit import AuditEntry
+from storage.errors import InvalidTransition, NotFound
+from storage.ledger import sync_back_job
+from storage.models import EventRecord, OutboxJob, Request, RequestStatus, Vote
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """A request with everything needed to explain it: votes, decision trace, sync-back state."""
+
+    request: Request
+    event: EventRecord
+    votes: Sequence[Vote]
+    jobs: Sequence[OutboxJob]
+
+    def as_json(self) -> dict[str, Any]:
+        r = self.request
+        decision = self.event.decision
+        return {
+            "id": r.id,
+            "status": r.status,
+            "decision": r.decision_kind,
+            "rule": r.rule,
+            "source": r.source,
+            "kind": r.kind,
+            "subject": r.subject,
+            "version": r.version,
+            "title": r.title,
+            "actor_id": r.actor_id,
+            "created_at": r.created_at.isoformat(),
+            "expires_at": r.expires_at.isoformat() if r.expires_at else None,
+            "decided_at": r.decided_at.isoformat() if r.decided_at else None,
+            "decided_by": r.decided_by,
+            "reason": r.reason,
+            "superseded_by": r.superseded_by,
+            "route": r.route,
+            "votes": [
+                {
+                    "user_id": v.user_id,
+                    "user_name": v.user_name,
+                    "choice": v.choice,
+                    "reason": v.reason,
+                    "at": v.created_at.isoformat(),
+                }
+                for v in self.votes
+            ],
+            "trace": decision.get("trace", []),
+            "shadow": decision.get("shadow", []),
+            "failed_closed": decision.get("failed_closed", False),
+            "sync": [
+                {
+                    "job_id": j.id,
+                    "kind": j.kind,
+                    "status": j.status,
+                    "attempts": j.attempts,
+                    "next_attempt_at": j.next_attempt_at.isoformat(),
+                    "last_error": j.last_error,
+                }
+                for j in self.jobs
+            ],
+        }
+
+
+async def get_request(session: AsyncSession, request_id: str) -> RequestView:
+    row = (
+        await session.execute(
+            select(Request, EventRecord)
+            .join(EventRecord, EventRecord.id == Request.event_id)
+            .where(Request.id == request_id)
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"no request {request_id!r}")
+    request, event = row
+    votes = (
+        await session.scalars(
+            select(Vote).where(Vote.request_id == request_id).order_by(Vote.created_at, Vote.id)
+        )
+    ).all()
+    jobs = (
+        await session.scalars(
+            select(OutboxJob)
+            .where(OutboxJob.request_id == request_id)
+            .order_by(OutboxJob.created_at)
+        )
+    ).all()
+    return RequestView(request, event, votes, jobs)
+
+
+async def get_status(session: AsyncSession, request_id: str) -> str | None:
+    return await session.scalar(select(Request.status).where(Request.id == request_id))
+
+
+async def list_requests(
+    session: AsyncSession, *, status: str | None = None, limit: int = 50
+) -> Sequence[Request]:
+    query = select(Request).order_by(Request.created_at.desc(), Request.id).limit(limit)
+    if status is not None:
+        query = query.where(Request.status == status)
+    return (await session.scalars(query)).all()
+
+
+async def decide(
+    sessions: async_sessionmaker[AsyncSession],
+    request_id: str,
+    *,
+    status: RequestStatus,
+    decided_by: list[dict[str, str]],
+    reason: str,
+    actor: str,
+    now: datetime,
+) -> bool:
+    """Move a pending request to a final status, once. Returns False if it was already final.
+
+    The `WHERE status = 'pending'` guard makes this exactly-once under concurrent callers on any
+    backend: only one UPDATE can match, and only its transaction enqueues the sync-back job.
+    """
+    if not status.is_final:
+        raise InvalidTransition("a request can only be decided to a final status")
+    async with sessions.begin() as session:
+        changed = await session.execute(
+            update(Request)
+            .where(Request.id == request_id, Request.status == RequestStatus.pending.value)
+            .values(status=status.value, decided_by=decided_by, reason=reason, decided_at=now)
+            .returning(Request.sync_kind)
+        )
+        row = changed.one_or_none()
+        if row is None:
+            if await get_status(session, request_id) is None:
+                raise NotFound(f"no request {request_id!r}")
+            return False
+        if row.sync_kind:
+            await session.execute(
+                insert(OutboxJob), [sync_back_job(request_id, row.sync_kind, now)]
+            )
+        await audit.append(
+            session,
+            [
+                AuditEntry(
+                    kind="request.decided",
+                    actor=actor,
+                    data={"status": status.value, "decided_by": decided_by, "reason": reason},
+                    request_id=request_id,
+                    at=now,
+                )
+            ],
+        )
+    return True
+
+
+class StatusWatch:
+    """Wakes long polls in this process when a request changes. Other replicas' changes are
+    seen by the poller's periodic re-read, so a missed wake-up costs latency, never a result."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+
+    def notify(self, request_ids: Sequence[str | None]) -> None:
+        for request_id in request_ids:
+            if request_id is None:
+                continue
+            for waiter in self._waiters.pop(request_id, ()):
+                waiter.set()
+
+    async def wait(self, request_id: str, timeout: float) -> None:
+        waiter = asyncio.Event()
+        self._waiters[request_id].add(waiter)
+        try:
+            await asyncio.wait_for(waiter.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(request_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[request_id]
