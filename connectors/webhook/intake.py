@@ -1,0 +1,77 @@
+"""Generic intake: a Standard Webhooks-signed `POST /v1/events` body becomes an Event."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from connectors.errors import MalformedPayload
+from connectors.events import Event, EventBody
+from connectors.webhook.signature import StandardWebhooks
+
+NAME = "webhook"
+# The outbox job kind that sends a decision to the event's callback_url.
+SYNC_KIND = "webhook.callback"
+
+
+def describe_validation_error(exc: ValidationError, *, limit: int = 3) -> str:
+    """`actor.id: Field required; risk: Input should be 'low', ...` (the fields, not the values)."""
+    parts = []
+    for error in exc.errors()[:limit]:
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def parse_body(body: bytes) -> EventBody:
+    """Raise MalformedPayload naming the field; never let a parser error escape as a 500."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedPayload(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedPayload("body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise MalformedPayload("body must be a JSON object")
+    if _contains_nul(data):
+        # PostgreSQL cannot store U+0000 in text or JSONB; refuse it here, not at commit time.
+        raise MalformedPayload("strings must not contain U+0000")
+    try:
+        return EventBody.model_validate(data)
+    except ValidationError as exc:
+        raise MalformedPayload(describe_validation_error(exc)) from None
+
+
+def _contains_nul(value: object) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def receive(body: bytes, headers: Mapping[str, str], *, verifier: StandardWebhooks) -> Event:
+    """Verify, then parse. The delivery id is the `webhook-id`, namespaced to this connector."""
+    webhook_id = verifier.verify(body, headers)
+    parsed = parse_body(body)
+    sync = {"callback_url": str(parsed.callback_url)} if parsed.callback_url else {}
+    # Every field was validated just above; constructing skips validating them all again.
+    return Event.model_construct(
+        **dict(parsed),
+        delivery_id=f"{NAME}:{webhook_id}",
+        received_at=datetime.now(UTC),
+        sync=sync,
+    )
