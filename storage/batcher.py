@@ -20,6 +20,8 @@ from storage.ledger import Intake, IntakeResult, Refusal
 
 log = logging.getLogger(__name__)
 
+_LINGER_PASSES = 8
+
 _Item = tuple[Intake | Refusal, "asyncio.Future[IntakeResult | None]"]
 
 
@@ -69,6 +71,7 @@ class WriteBatcher:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            await self._linger()
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
@@ -76,6 +79,21 @@ class WriteBatcher:
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _linger(self) -> None:
+        """Let deliveries that are already being handled join this batch.
+
+        Under a steady load the requests of one batch are answered together and come back
+        together; without a pause the writer would take the first of them alone and leave the
+        rest for the next commit. A few passes of the event loop (bounded by `_LINGER_PASSES`)
+        cost microseconds when the queue stops growing, so a lone request still commits at once.
+        """
+        size = -1
+        for _ in range(_LINGER_PASSES):
+            if self._queue.qsize() == size:
+                return
+            size = self._queue.qsize()
+            await asyncio.sleep(0)
 
     async def _write(self, batch: list[_Item]) -> None:
         intakes = [(item, fut) for item, fut in batch if isinstance(item, Intake)]

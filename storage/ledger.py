@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, tuple_, update
+from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -22,7 +22,7 @@ from connectors.redaction import redact_url
 from policies.model import Decision, DecisionKind
 from storage import audit
 from storage.audit import AuditEntry
-from storage.models import EventRecord, OutboxJob, Request, RequestStatus, new_id
+from storage.models import EventRecord, OutboxJob, Request, RequestStatus, new_id, table_of
 from storage.outbox import job_row
 
 _AUTO_STATUS = {
@@ -81,15 +81,21 @@ def sync_back_job(request_id: str, sync_kind: str, now: datetime) -> dict[str, A
     )
 
 
-def _event_audit_data(event: Event) -> dict[str, Any]:
-    data = event.model_dump(mode="json", exclude={"sync", "callback_url"})
-    if event.callback_url is not None:
-        data["callback_url"] = redact_url(str(event.callback_url))
+def _event_audit_data(body: dict[str, Any]) -> dict[str, Any]:
+    """What the audit keeps of an event: all but the connector's private sync-back data."""
+    data = {key: value for key, value in body.items() if key not in ("sync", "callback_url")}
+    if body.get("callback_url"):
+        data["callback_url"] = redact_url(body["callback_url"])
     return data
 
 
 def _request_row(
-    request_id: str, event_id: str, intake: Intake, status: RequestStatus, now: datetime
+    request_id: str,
+    event_id: str,
+    intake: Intake,
+    status: RequestStatus,
+    now: datetime,
+    route_json: dict[str, Any] | None,
 ) -> dict[str, Any]:
     event, decision, route = intake.event, intake.decision, intake.decision.route
     final = status.is_final
@@ -105,7 +111,7 @@ def _request_row(
         "status": status.value,
         "decision_kind": decision.kind.value,
         "rule": decision.rule,
-        "route": route.model_dump(mode="json") if route else None,
+        "route": route_json,
         "created_at": now,
         "expires_at": now + route.expires_after if route and route.expires_after else None,
         "decided_at": now if final else None,
@@ -199,12 +205,15 @@ async def _write_batch(
             continue
         event_id = new_id("e")
         key = (event.source, event.subject)
+        # Serialised once and shared by the event row, the request row and the audit records.
+        body = event.model_dump(mode="json")
+        decision_json = decision.model_dump(mode="json")
         current = pending.get(key)
         entries.append(
             AuditEntry(
                 kind="event.received",
                 actor=f"source:{event.source}",
-                data=_event_audit_data(event),
+                data=_event_audit_data(body),
                 event_id=event_id,
                 at=now,
             )
@@ -218,7 +227,9 @@ async def _write_batch(
             if decision.kind is not DecisionKind.ignore:
                 request_id = new_id("r")
                 status = _AUTO_STATUS.get(decision.kind, RequestStatus.pending)
-                row = _request_row(request_id, event_id, intake, status, now)
+                row = _request_row(
+                    request_id, event_id, intake, status, now, decision_json["route"]
+                )
                 requests.append(row)
                 new_requests[request_id] = row
                 if status.is_final and intake.sync_kind:
@@ -257,8 +268,8 @@ async def _write_batch(
                     "decision": decision.kind.value,
                     "rule": decision.rule,
                     "failed_closed": decision.failed_closed,
-                    "shadow": [s.model_dump(mode="json") for s in decision.shadow],
-                    "trace": [t.model_dump(mode="json") for t in decision.trace],
+                    "shadow": decision_json["shadow"],
+                    "trace": decision_json["trace"],
                 },
                 request_id=request_id,
                 event_id=event_id,
@@ -273,8 +284,8 @@ async def _write_batch(
                 "kind": event.kind,
                 "subject": event.subject,
                 "version": event.version,
-                "body": event.model_dump(mode="json"),
-                "decision": decision.model_dump(mode="json"),
+                "body": body,
+                "decision": decision_json,
                 "decision_kind": decision.kind.value,
                 "rule": decision.rule,
                 "request_id": request_id,
@@ -295,7 +306,7 @@ async def _write_batch(
     if superseded:
         # Core table, not the ORM entity: with a list of parameters the ORM would switch to its
         # "bulk UPDATE by primary key" mode, which ignores the status guard below.
-        table = Request.__table__
+        table = table_of(Request)
         await session.execute(
             update(table)
             .where(table.c.id == bindparam("b_id"), table.c.status == RequestStatus.pending.value)
@@ -308,11 +319,11 @@ async def _write_batch(
             superseded,
         )
     if events:
-        await session.execute(insert(EventRecord), events)
+        await session.execute(table_of(EventRecord).insert(), events)
     if requests:
-        await session.execute(insert(Request), requests)
+        await session.execute(table_of(Request).insert(), requests)
     if jobs:
-        await session.execute(insert(OutboxJob), jobs)
+        await session.execute(table_of(OutboxJob).insert(), jobs)
     await audit.append(session, entries)
     return results
 

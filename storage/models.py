@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import secrets
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -14,6 +16,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -35,14 +38,29 @@ NAMING = {
 }
 
 
+# Crockford's base32 alphabet, lower case: no i, l, o, u to misread when typed from a card.
+_BASE32_TO_CROCKFORD = bytes.maketrans(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789abcdefghjkmnpqrstvwxyz"
+)
+
+
 def new_id(prefix: str) -> str:
-    """Short, unguessable, copy-pasteable ids: `r_3kq8v0x2m5t7c9w1` (prefix says what it is)."""
-    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
-    return prefix + "_" + "".join(secrets.choice(alphabet) for _ in range(16))
+    """Short, unguessable, copy-pasteable ids: `r_3kq8v0x2m5t7c9w1` (prefix says what it is).
+
+    80 random bits. Built from one `token_bytes` call: drawing 16 characters one by one with
+    `secrets.choice` cost ~90 µs per id, a tenth of the intake's budget per event.
+    """
+    encoded = base64.b32encode(secrets.token_bytes(10)).translate(_BASE32_TO_CROCKFORD)
+    return f"{prefix}_{encoded.decode()}"
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+
+def table_of(model: type[Base]) -> Table:
+    """A model's Core table, for multi-row statements that skip the ORM's per-row work."""
+    return cast(Table, model.__table__)
 
 
 class RequestStatus(StrEnum):
@@ -155,9 +173,17 @@ class AuditRecord(Base):
     actor: Mapped[str] = mapped_column(String(300))
     request_id: Mapped[str | None] = mapped_column(String(40), index=True)
     event_id: Mapped[str | None] = mapped_column(String(40))
-    data: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # The canonical JSON text the hash covers, stored as is: what is verified is exactly what
+    # was written, whatever a backend's JSON type would do to key order or numbers.
+    data_json: Mapped[str] = mapped_column("data", Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+    @property
+    def data(self) -> dict[str, Any]:
+        value = json.loads(self.data_json)
+        assert isinstance(value, dict)
+        return value
 
 
 class AuditHead(Base):

@@ -49,11 +49,7 @@ def upgrade() -> None:
         sa.Column("actor", sa.String(length=300), nullable=False),
         sa.Column("request_id", sa.String(length=40), nullable=True),
         sa.Column("event_id", sa.String(length=40), nullable=True),
-        sa.Column(
-            "data",
-            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
-            nullable=False,
-        ),
+        sa.Column("data", sa.Text(), nullable=False),
         sa.Column("prev_hash", sa.String(length=64), nullable=False),
         sa.Column("hash", sa.String(length=64), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_audit_records")),
