@@ -168,8 +168,6 @@ class Policy:
         )
 
 
-
-
 def _step(rule: str, outcome: TraceOutcome, detail: str) -> TraceStep:
     # Plain construction: measured faster than model_construct() for three small fields.
     return TraceStep(rule=rule, outcome=outcome, detail=detail)

@@ -1,0 +1,223 @@
+"""Intake throughput: signed events at 16 connections against `signoff serve` and a bare aiohttp
+handler, in the same run. Prints events/s, p50/p99 latency and the ratio.
+
+    .venv/bin/python bench/intake.py [--seconds 10] [--connections 16] [--postgres URL]
+
+Every event Signoff answers `202` to is durable first: event, decision, request, audit records
+and an outbox job (the events are auto-approved with a callback URL, so each one also causes a
+signed callback, delivered to a local receiver while the load runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import SECRET, event_body, free_port, sign  # noqa: E402
+
+POLICY = """
+rules:
+  - name: small-refunds
+    when: event.kind == "refund" && event.attributes.amount < 500
+    decide: auto_approve
+default:
+  decide: route
+  route: {channel: C0APPROVALS, approvers: [{group: approvers, min: 1}]}
+"""
+
+
+def bare_server(port: int) -> None:
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"ok": True}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/v1/events", handle)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+async def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            if process.poll() is not None:
+                raise SystemExit(f"server exited with {process.returncode}")
+            try:
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"{url} never became ready")
+
+
+async def load(
+    url: str, *, seconds: float, connections: int, callback: str | None
+) -> dict[str, float]:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while time.monotonic() < deadline:
+            raw, headers = sign(event_body(attributes={"amount": 100}, callback_url=callback))
+            started = time.perf_counter()
+            async with session.post(url, data=raw, headers=headers) as response:
+                await response.read()
+                if response.status != 202:
+                    errors += 1
+            latencies.append(time.perf_counter() - started)
+
+    connector = aiohttp.TCPConnector(limit=connections)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(connections)))
+    elapsed = time.monotonic() - started
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": statistics.median(latencies) * 1000,
+        "p99": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "n": len(latencies),
+        "errors": errors,
+    }
+
+
+async def sink(port: int) -> web.AppRunner:
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/cb", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(server_url: str) -> AsyncIterator[str]:
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    name = f"signoff_bench_{os.getpid()}"
+    admin = create_async_engine(make_url(server_url), isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+def report(name: str, figures: dict[str, float]) -> None:
+    print(
+        f"{name:<28} {figures['rps']:>8.0f} events/s   p50 {figures['p50']:6.2f} ms   "
+        f"p99 {figures['p99']:6.2f} ms   ({figures['n']:.0f} requests, "
+        f"{figures['errors']:.0f} errors)"
+    )
+
+
+async def run_signoff(database_url: str, args: argparse.Namespace, callback: str | None) -> dict:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(POLICY)
+        env = {
+            **os.environ,
+            "SIGNOFF_DATABASE_URL": database_url.replace("{tmp}", tmp),
+            "SIGNOFF_POLICY_PATH": str(policy),
+            "SIGNOFF_WEBHOOK_SECRET": SECRET,
+            "SIGNOFF_PORT": str(port),
+            "SIGNOFF_LOG_LEVEL": "WARNING",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bot.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+        )
+        try:
+            await wait_ready(f"http://127.0.0.1:{port}/healthz", process)
+            url = f"http://127.0.0.1:{port}/v1/events"
+            await load(url, seconds=1, connections=args.connections, callback=callback)  # warm-up
+            return await load(
+                url, seconds=args.seconds, connections=args.connections, callback=callback
+            )
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--postgres",
+        help="postgresql+asyncpg:// URL of a server where a scratch database may be created",
+    )
+    parser.add_argument(
+        "--no-callback", action="store_true", help="events without callback_url (intake only)"
+    )
+    parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    callback_port = free_port()
+    receiver = await sink(callback_port)
+    callback = None if args.no_callback else f"http://127.0.0.1:{callback_port}/cb"
+
+    bare_port = free_port()
+    bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port)])
+    try:
+        await wait_ready(f"http://127.0.0.1:{bare_port}/", bare)
+        url = f"http://127.0.0.1:{bare_port}/v1/events"
+        await load(url, seconds=1, connections=args.connections, callback=callback)
+        baseline = await load(
+            url, seconds=args.seconds, connections=args.connections, callback=callback
+        )
+    finally:
+        bare.terminate()
+        bare.wait()
+
+    print(f"{args.connections} connections, {args.seconds:g} s per run, 2-core machine")
+    report("bare aiohttp (baseline)", baseline)
+    results = {
+        "signoff on SQLite": await run_signoff(
+            "sqlite+aiosqlite:///{tmp}/signoff.db", args, callback
+        )
+    }
+    if args.postgres:
+        async with scratch_database(args.postgres) as url:
+            results["signoff on PostgreSQL"] = await run_signoff(url, args, callback)
+    for name, figures in results.items():
+        report(name, figures)
+        print(
+            f"{'':<28} ratio to baseline: {figures['rps'] / baseline['rps']:.2f}x "
+            f"throughput, {figures['p50'] / baseline['p50']:.1f}x p50 latency"
+        )
+    await receiver.cleanup()
+
+
+if __name__ == "__main__":
+    if "--bare-server" in sys.argv:
+        bare_server(int(sys.argv[sys.argv.index("--bare-server") + 1]))
+    else:
+        asyncio.run(main())

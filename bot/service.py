@@ -1,0 +1,152 @@
+"""The running service: what `signoff serve` starts, in order, and stops, in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import httpx
+from aiohttp import web
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.settings import Settings
+from bot.sync import WebhookCallback
+from bot.worker import OutboxWorker
+from connectors.redaction import redact_text
+from connectors.webhook import intake as webhook
+from connectors.webhook.signature import StandardWebhooks
+from policies.gateway import Policy
+from policies.loader import load_policy
+from storage.batcher import WriteBatcher
+from storage.db import create_engine, sessionmaker
+from storage.errors import DatabaseUnavailable
+from storage.ledger import IntakeResult
+from storage.requests import StatusWatch
+from storage.schema import ensure_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Everything a request handler needs, built once at start-up."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    policy: Policy
+    verifier: StandardWebhooks
+    batcher: WriteBatcher
+    watch: StatusWatch
+    worker: OutboxWorker
+    http: httpx.AsyncClient
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _worker_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Services:
+        settings.require("webhook_secret", purpose="the /v1/events intake")
+        settings.require("policy_path", purpose="deciding events")
+        assert settings.webhook_secret is not None and settings.policy_path is not None
+        # Load the policy before touching the database: a broken policy should stop start-up
+        # with its problems listed, not after a migration.
+        policy = load_policy(settings.policy_path)
+        engine = create_engine(settings.database_url)
+        try:
+            await ensure_schema(engine)
+        except (OperationalError, DBAPIError, OSError) as exc:
+            await engine.dispose()
+            where = make_url(settings.database_url).render_as_string(hide_password=True)
+            reason = redact_text(str(getattr(exc, "orig", exc)).splitlines()[0])
+            raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
+        sessions = sessionmaker(engine)
+        verifier = StandardWebhooks(
+            settings.webhook_secret.get_secret_value(),
+            tolerance_seconds=settings.webhook_tolerance,
+        )
+        watch = StatusWatch()
+        http = httpx.AsyncClient(
+            timeout=settings.callback_timeout,
+            follow_redirects=False,
+            headers={"user-agent": "Signoff/0.1"},
+        )
+        handlers = {
+            webhook.SYNC_KIND: WebhookCallback(
+                sessions,
+                http,
+                secret=settings.webhook_secret.get_secret_value(),
+                timeout=settings.callback_timeout,
+            ),
+        }
+        worker = OutboxWorker(
+            sessions,
+            handlers,
+            max_attempts=settings.outbox_max_attempts,
+            backoff_base=settings.outbox_backoff_base,
+            backoff_max=settings.outbox_backoff_max,
+            lease=timedelta(seconds=max(60.0, settings.callback_timeout * 3)),
+        )
+
+        def committed(results: Sequence[IntakeResult]) -> None:
+            watch.notify([result.request_id for result in results])
+            worker.wake()
+
+        batcher = WriteBatcher(sessions, on_commit=committed)
+        batcher.start()
+        services = cls(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            policy=policy,
+            verifier=verifier,
+            batcher=batcher,
+            watch=watch,
+            worker=worker,
+            http=http,
+        )
+        services._worker_task = asyncio.create_task(worker.run(), name="signoff-outbox-worker")
+        return services
+
+    async def close(self) -> None:
+        """Flush accepted writes, let in-flight side effects finish, then let go of resources."""
+        self.stopping.set()
+        await self.batcher.stop()
+        await self.worker.stop(self.settings.shutdown_grace)
+        if self._worker_task is not None:
+            await self._worker_task
+        await self.http.aclose()
+        await self.engine.dispose()
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    from bot.http import build_app  # the HTTP layer sits on top of Services
+
+    services = await Services.start(settings)
+    app = build_app(services)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    bound = runner.addresses[0] if runner.addresses else (settings.host, settings.port)
+    log.info("signoff listening on http://%s:%s", bound[0], bound[1])
+    print(f"signoff listening on http://{bound[0]}:{bound[1]}", flush=True)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests and jobs")
+    services.stopping.set()
+    # Stops listening, then waits (up to the grace period) for in-flight requests to finish.
+    await runner.cleanup()
+    await services.close()
+    log.info("stopped")

@@ -1,0 +1,136 @@
+"""Settings from the environment and `.env`. Names are part of the operator contract (DESIGN.md).
+
+Only the top layer reads the environment; everything below takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from connectors.errors import SignoffError
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class SettingsError(SignoffError):
+    """A setting is missing or invalid; the message is one line naming it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=False
+    )
+
+    database_url: str = Field(
+        "sqlite+aiosqlite:///./signoff.db", validation_alias=_env("SIGNOFF_DATABASE_URL")
+    )
+    policy_path: Path | None = Field(None, validation_alias=_env("SIGNOFF_POLICY_PATH"))
+    host: str = Field("127.0.0.1", validation_alias=_env("SIGNOFF_HOST"))
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(3000, validation_alias=_env("SIGNOFF_PORT"))
+
+    webhook_secret: SecretStr | None = Field(None, validation_alias=_env("SIGNOFF_WEBHOOK_SECRET"))
+    webhook_tolerance: Annotated[int, Field(ge=1, le=3600)] = Field(
+        300, validation_alias=_env("SIGNOFF_WEBHOOK_TOLERANCE")
+    )
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
+        256 * 1024, validation_alias=_env("SIGNOFF_MAX_BODY_BYTES")
+    )
+    api_token: SecretStr | None = Field(None, validation_alias=_env("SIGNOFF_API_TOKEN"))
+
+    outbox_max_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        8, validation_alias=_env("SIGNOFF_OUTBOX_MAX_ATTEMPTS")
+    )
+    outbox_backoff_base: Annotated[float, Field(gt=0, le=3600)] = Field(
+        1.0, validation_alias=_env("SIGNOFF_OUTBOX_BACKOFF_BASE")
+    )
+    outbox_backoff_max: Annotated[float, Field(gt=0, le=86400)] = Field(
+        300.0, validation_alias=_env("SIGNOFF_OUTBOX_BACKOFF_MAX")
+    )
+    callback_timeout: Annotated[float, Field(gt=0, le=300)] = Field(
+        10.0, validation_alias=_env("SIGNOFF_CALLBACK_TIMEOUT")
+    )
+    shutdown_grace: Annotated[float, Field(ge=0, le=600)] = Field(
+        30.0, validation_alias=_env("SIGNOFF_SHUTDOWN_GRACE")
+    )
+    log_level: str = Field("INFO", validation_alias=_env("SIGNOFF_LOG_LEVEL"))
+
+    slack_bot_token: SecretStr | None = Field(None, validation_alias=_env("SLACK_BOT_TOKEN"))
+    slack_signing_secret: SecretStr | None = Field(
+        None, validation_alias=_env("SLACK_SIGNING_SECRET")
+    )
+    slack_app_token: SecretStr | None = Field(None, validation_alias=_env("SLACK_APP_TOKEN"))
+    slack_api_url: str = Field("https://slack.com/api/", validation_alias=_env("SLACK_API_URL"))
+
+    github_webhook_secret: SecretStr | None = Field(
+        None, validation_alias=_env("GITHUB_WEBHOOK_SECRET")
+    )
+    github_api_url: str = Field("https://api.github.com", validation_alias=_env("GITHUB_API_URL"))
+    github_app_id: str | None = Field(None, validation_alias=_env("GITHUB_APP_ID"))
+    github_app_private_key: SecretStr | None = Field(
+        None, validation_alias=_env("GITHUB_APP_PRIVATE_KEY")
+    )
+    alertmanager_url: str | None = Field(None, validation_alias=_env("ALERTMANAGER_URL"))
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().removeprefix("whsec_")
+        try:
+            key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            # Never echo the value: it is a secret.
+            raise ValueError(
+                "must be `whsec_` followed by base64 (the value is not shown)"
+            ) from None
+        if len(key) < 16:
+            raise ValueError("must decode to at least 16 bytes of key (the value is not shown)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return upper
+
+    def require(self, *names: str, purpose: str) -> None:
+        """Fail with one clear line if a setting that `purpose` needs is not set."""
+        for name in names:
+            if getattr(self, name) is None:
+                raise SettingsError(f"{_env_name(name)} is required for {purpose} but is not set")
+
+
+def _env_name(field_name: str) -> str:
+    alias = Settings.model_fields[field_name].validation_alias
+    return str(alias.choices[0]) if isinstance(alias, AliasChoices) else field_name
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings; any problem becomes a SettingsError whose message names the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field_name = str(error["loc"][0]) if error["loc"] else "?"
+        name = _env_name(field_name) if field_name in Settings.model_fields else field_name
+        message = error["msg"].removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise SettingsError(f"invalid setting {name}: {message}{more}") from None

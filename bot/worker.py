@@ -1,0 +1,292 @@
+"""The outbox worker: claims due jobs, runs their handlers, records each outcome.
+
+Delivery is at least once. A job is recorded `done` only after its handler returned, so a crash
+between the far side accepting and the record being written repeats the delivery; the
+idempotency key (sent as e.g. `webhook-id`) lets the far side drop the repeat. Any number of
+workers, in one process or in several replicas, may run against one database: claims are
+leases (see `storage.outbox`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot.retry import retry_delay
+from connectors.errors import RetryableSyncError, TerminalSyncError
+from storage.outbox import ClaimedJob, claim, clean_error, complete, dead_letter, retry_later
+
+logger = logging.getLogger(__name__)
+
+
+class Handler(Protocol):
+    """Performs one job's side effect. Returning means done; raise RetryableSyncError or
+    TerminalSyncError to say how it failed."""
+
+    async def __call__(self, *, job: ClaimedJob) -> None: ...
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _default_name() -> str:
+    # Only for logs: ownership of a job is its lease, not this name.
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What one attempt came to, decided before anything is written."""
+
+    kind: Literal["done", "retry", "dead"]
+    error: str = ""
+    retry_after: float | None = None
+
+
+class OutboxWorker:
+    """Runs outbox jobs with at most `concurrency` handlers at a time.
+
+    `await run()` until `await stop(grace)`. `wake()` after committing a job skips the rest of
+    the poll interval. All methods must be called from the event loop the worker runs on.
+    """
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        handlers: Mapping[str, Handler],
+        *,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+        poll_interval: float = 0.5,
+        lease: timedelta = timedelta(seconds=60),
+        batch: int = 16,
+        concurrency: int = 8,
+        clock: Callable[[], datetime] = _utcnow,
+        name: str | None = None,
+    ) -> None:
+        if max_attempts < 1 or concurrency < 1 or batch < 1:
+            raise ValueError("max_attempts, concurrency and batch must be at least 1")
+        self._sessions = sessions
+        self._handlers = dict(handlers)
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._poll_interval = poll_interval
+        self._lease = lease
+        self._batch = batch
+        self._concurrency = concurrency
+        self._clock = clock
+        self.name = name or _default_name()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_done = asyncio.Event()
+        self._loop_done.set()  # not running yet
+        self._inflight: set[asyncio.Task[None]] = set()
+        # True while the last claim came back full: more jobs are probably due, so a freed
+        # slot should claim again at once rather than at the next poll.
+        self._backlog = False
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll (a job was just enqueued and committed)."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    async def run(self) -> None:
+        """Claim and run jobs until `stop()`."""
+        if not self._loop_done.is_set():
+            raise RuntimeError(f"outbox worker {self.name} is already running")
+        self._loop_done.clear()
+        try:
+            while not self._stopping:
+                # Cleared before claiming: a wake() during the claim makes the pause below
+                # return at once instead of being lost.
+                self._wake.clear()
+                capacity = self._concurrency - len(self._inflight)
+                if capacity > 0:
+                    wanted = min(self._batch, capacity)
+                    jobs = await self._claim(wanted)
+                    self._backlog = len(jobs) == wanted
+                    for job in jobs:
+                        self._start(job)
+                    if self._backlog and len(self._inflight) < self._concurrency:
+                        continue
+                await self._pause()
+        except asyncio.CancelledError:
+            # Cancelled instead of stopped: do not leave handlers running unowned. Their jobs
+            # keep their leases and are retried when the leases expire.
+            await self._cancel_inflight()
+            raise
+        finally:
+            self._loop_done.set()
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; give in-flight jobs `grace` seconds, then cancel the rest.
+
+        A cancelled job records nothing: it keeps its lease and is claimed again once the lease
+        expires (the far side dedupes the repeat by its idempotency key). A job whose handler
+        already finished always gets its outcome written.
+        """
+        self._stopping = True
+        self._wake.set()
+        await self._loop_done.wait()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=grace)
+        if self._inflight:
+            logger.warning(
+                "outbox worker %s stopping: %d job(s) did not finish within %.1fs; "
+                "they will be retried after their leases expire",
+                self.name,
+                len(self._inflight),
+                grace,
+            )
+            await self._cancel_inflight()
+
+    async def _cancel_inflight(self) -> None:
+        tasks = set(self._inflight)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pause(self) -> None:
+        try:
+            async with asyncio.timeout(self._poll_interval):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _claim(self, limit: int) -> list[ClaimedJob]:
+        try:
+            return await claim(
+                self._sessions,
+                worker=self.name,
+                limit=limit,
+                lease=self._lease,
+                now=self._clock(),
+            )
+        except (SQLAlchemyError, OSError):
+            # The loop must outlive a database outage or failover: log, wait a poll interval,
+            # try again. Nothing was claimed, so nothing is lost.
+            logger.exception("outbox worker %s could not claim jobs", self.name)
+            return []
+
+    def _start(self, job: ClaimedJob) -> None:
+        task = asyncio.create_task(self._process(job), name=f"outbox:{job.id}")
+        self._inflight.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # _process handles every failure it expects; this is a bug in the worker itself.
+            # The job keeps its lease and is retried when it expires.
+            logger.error("outbox task %s crashed", task.get_name(), exc_info=exc)
+        if self._backlog:
+            self._wake.set()
+
+    async def _process(self, job: ClaimedJob) -> None:
+        outcome = await self._attempt(job)
+        # Once the handler has finished its side effect happened (or failed): record that even
+        # if stop() cancels us now, or the next worker would repeat a finished delivery.
+        record = asyncio.ensure_future(self._record(job, outcome))
+        try:
+            await asyncio.shield(record)
+        except asyncio.CancelledError:
+            await record
+            raise
+
+    async def _attempt(self, job: ClaimedJob) -> _Outcome:
+        if job.attempts > self._max_attempts:
+            # Only claims of expired leases get here: earlier attempts crashed or hung the
+            # worker running them. Running it yet again could crash this one too.
+            return _Outcome(
+                "dead",
+                f"gave up after {job.attempts - 1} attempts that did not finish "
+                "(worker crashed, hung or was stopped before recording an outcome)",
+            )
+        handler = self._handlers.get(job.kind)
+        if handler is None:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            return _Outcome(
+                "dead", f"no handler for outbox job kind {job.kind!r} (known kinds: {known})"
+            )
+        try:
+            await handler(job=job)
+        except RetryableSyncError as exc:
+            return _Outcome("retry", str(exc), exc.retry_after)
+        except TerminalSyncError as exc:
+            return _Outcome("dead", str(exc))
+        except Exception as exc:
+            # A handler bug must not kill the loop that runs every other job, nor silently drop
+            # this one: log it with its traceback and retry it like a transient failure, so the
+            # attempt budget dead-letters it (visibly, replayably) if the bug persists.
+            logger.exception(
+                "outbox job %s (%s, attempt %d) failed unexpectedly", job.id, job.kind, job.attempts
+            )
+            return _Outcome("retry", f"unexpected {type(exc).__name__} in handler: {exc}")
+        return _Outcome("done")
+
+    async def _record(self, job: ClaimedJob, outcome: _Outcome) -> None:
+        now = self._clock()
+        try:
+            if outcome.kind == "done":
+                applied = await complete(self._sessions, job, now=now)
+            elif outcome.kind == "retry" and job.attempts < self._max_attempts:
+                delay = retry_delay(
+                    job.attempts,
+                    base=self._backoff_base,
+                    cap=self._backoff_max,
+                    retry_after=outcome.retry_after,
+                )
+                logger.info(
+                    "outbox job %s (%s) attempt %d failed, retrying in %.1fs: %s",
+                    job.id,
+                    job.kind,
+                    job.attempts,
+                    delay,
+                    clean_error(outcome.error),
+                )
+                applied = await retry_later(
+                    self._sessions,
+                    job,
+                    error=outcome.error,
+                    next_attempt_at=now + timedelta(seconds=delay),
+                    now=now,
+                )
+            else:
+                error = outcome.error
+                if outcome.kind == "retry":
+                    error = f"gave up after {job.attempts} attempts; last error: {error}"
+                logger.warning(
+                    "outbox job %s (%s) dead-lettered: %s", job.id, job.kind, clean_error(error)
+                )
+                applied = await dead_letter(self._sessions, job, error=error, now=now)
+        except (SQLAlchemyError, OSError):
+            # The outcome is lost, not the job: it stays running until its lease expires and
+            # is then attempted again. The loop keeps going for the other jobs.
+            logger.exception(
+                "outbox job %s: could not record the outcome of attempt %d", job.id, job.attempts
+            )
+            return
+        if not applied:
+            logger.warning(
+                "outbox job %s: attempt %d finished after its lease was taken over; "
+                "its outcome (%s) was not recorded",
+                job.id,
+                job.attempts,
+                outcome.kind,
+            )

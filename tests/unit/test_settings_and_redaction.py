@@ -1,0 +1,94 @@
+"""Settings fail with one line naming the variable; secrets never survive redaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.settings import SettingsError, load_settings
+from connectors.redaction import MASK, redact, redact_text, redact_url
+
+GOOD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in ("SIGNOFF_PORT", "SIGNOFF_DATABASE_URL", "SIGNOFF_WEBHOOK_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_follow_the_contract() -> None:
+    settings = load_settings()
+    assert settings.database_url == "sqlite+aiosqlite:///./signoff.db"
+    assert (settings.host, settings.port) == ("127.0.0.1", 3000)
+    assert settings.max_body_bytes == 256 * 1024
+
+
+def test_reads_dotenv(tmp_path) -> None:
+    (tmp_path / ".env").write_text("SIGNOFF_PORT=4123\n")
+    assert load_settings().port == 4123
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("SIGNOFF_PORT", "eighty", "invalid setting SIGNOFF_PORT: Input should be a valid integer"),
+        ("SIGNOFF_PORT", "70000", "invalid setting SIGNOFF_PORT:"),
+        ("SIGNOFF_DATABASE_URL", "mysql://db", "invalid setting SIGNOFF_DATABASE_URL: must start"),
+        ("SIGNOFF_WEBHOOK_SECRET", "whsec_!!notbase64!!", "invalid setting SIGNOFF_WEBHOOK_SECRET"),
+        (
+            "SIGNOFF_WEBHOOK_SECRET",
+            "whsec_c2hvcnQ=",
+            "invalid setting SIGNOFF_WEBHOOK_SECRET: must decode to at least 16 bytes",
+        ),
+        ("SIGNOFF_LOG_LEVEL", "LOUD", "invalid setting SIGNOFF_LOG_LEVEL"),
+    ],
+)
+def test_invalid_setting_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+    if "SECRET" in name:
+        assert value not in message, "a secret's value must never be echoed"
+
+
+def test_required_setting_is_named() -> None:
+    with pytest.raises(SettingsError, match="SIGNOFF_WEBHOOK_SECRET is required for intake"):
+        load_settings().require("webhook_secret", purpose="intake")
+
+
+def test_secret_settings_do_not_print(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGNOFF_WEBHOOK_SECRET", GOOD_SECRET)
+    settings = load_settings()
+    assert GOOD_SECRET not in repr(settings)
+    assert GOOD_SECRET not in str(settings.model_dump())
+
+
+def test_redacts_by_key_and_by_shape() -> None:
+    data = {
+        "password": "hunter2",
+        "nested": {"API_KEY": "abc", "tokens_used": 5, "fine": "ok"},
+        "list": ["xoxb-123456-abcdef", "plain"],
+        "url": "https://user:pw@example.com/x?token=abc&page=2",
+        "pem": "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----",
+    }
+    masked = redact(data)
+    assert masked["password"] == MASK
+    assert masked["nested"] == {"API_KEY": MASK, "tokens_used": 5, "fine": "ok"}
+    assert masked["list"] == [MASK, "plain"]
+    assert "pw@" not in masked["url"] and "token=abc" not in masked["url"]
+    assert "page=2" in masked["url"]
+    assert masked["pem"] == MASK
+    assert data["password"] == "hunter2", "the input is not modified"
+
+
+def test_redact_text_and_url() -> None:
+    assert redact_text("Authorization: Bearer abcdefghijklmnop") == f"Authorization: {MASK}"
+    assert redact_text("secret whsec_MfKQ9r8GKYqrTwjUPD8I") == f"secret {MASK}"
+    url = redact_url("http://u:p@127.0.0.1:9000/cb?sig=abc&x=1")
+    assert url == f"http://{MASK}@127.0.0.1:9000/cb?sig={MASK}&x={MASK}"
