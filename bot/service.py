@@ -24,13 +24,16 @@ from connectors.webhook.signature import StandardWebhooks
 from policies.gateway import Policy
 from policies.loader import load_policy
 from storage.batcher import WriteBatcher
-from storage.db import create_engine, sessionmaker
+from storage.db import TransactionRunner, create_engine, sessionmaker
 from storage.errors import DatabaseUnavailable
 from storage.ledger import IntakeResult
+from storage.models import RequestStatus
 from storage.requests import StatusWatch
 from storage.schema import ensure_schema
 
 log = logging.getLogger(__name__)
+
+_FINAL_AT_INTAKE = frozenset({RequestStatus.approved.value, RequestStatus.rejected.value})
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Services:
     policy: Policy
     verifier: StandardWebhooks
     batcher: WriteBatcher
+    runner: TransactionRunner
     watch: StatusWatch
     worker: OutboxWorker
     http: httpx.AsyncClient
@@ -95,9 +99,12 @@ class Services:
 
         def committed(results: Sequence[IntakeResult]) -> None:
             watch.notify([result.request_id for result in results])
-            worker.wake()
+            # Only decisions made at intake (auto-approved/-rejected) enqueue a sync-back.
+            if any(r.status in _FINAL_AT_INTAKE and not r.duplicate for r in results):
+                worker.wake()
 
-        batcher = WriteBatcher(sessions, on_commit=committed)
+        runner = TransactionRunner(engine)
+        batcher = WriteBatcher(runner, on_commit=committed)
         batcher.start()
         services = cls(
             settings=settings,
@@ -106,6 +113,7 @@ class Services:
             policy=policy,
             verifier=verifier,
             batcher=batcher,
+            runner=runner,
             watch=watch,
             worker=worker,
             http=http,
@@ -117,6 +125,7 @@ class Services:
         """Flush accepted writes, let in-flight side effects finish, then let go of resources."""
         self.stopping.set()
         await self.batcher.stop()
+        self.runner.close()
         await self.worker.stop(self.settings.shutdown_grace)
         if self._worker_task is not None:
             await self._worker_task

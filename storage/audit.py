@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from connectors.redaction import redact
 from storage.models import AuditHead, AuditRecord, table_of
@@ -71,11 +72,16 @@ def record_hash(
 
 async def append(session: AsyncSession, entries: Sequence[AuditEntry]) -> list[int]:
     """Append `entries` in order inside the caller's transaction; returns their sequence numbers."""
+    return await session.run_sync(append_sync, entries)
+
+
+def append_sync(session: Session, entries: Sequence[AuditEntry]) -> list[int]:
+    """`append` for units of work that run synchronously (see `storage.db.TransactionRunner`)."""
     if not entries:
         return []
     # The head row is created by the first migration; locking it orders appenders.
     head = (
-        await session.execute(select(AuditHead).where(AuditHead.id == _HEAD_ID).with_for_update())
+        session.execute(select(AuditHead).where(AuditHead.id == _HEAD_ID).with_for_update())
     ).scalar_one()
     seq, prev = head.seq, head.hash
     now = datetime.now(UTC)
@@ -110,10 +116,8 @@ async def append(session: AsyncSession, entries: Sequence[AuditEntry]) -> list[i
         )
         prev = digest
     # Core insert: the ORM's bulk path costs more per row and tracks nothing we need here.
-    await session.execute(table_of(AuditRecord).insert(), rows)
-    await session.execute(
-        update(AuditHead).where(AuditHead.id == _HEAD_ID).values(seq=seq, hash=prev)
-    )
+    session.execute(table_of(AuditRecord).insert(), rows)
+    session.execute(update(AuditHead).where(AuditHead.id == _HEAD_ID).values(seq=seq, hash=prev))
     return [row["seq"] for row in rows]
 
 

@@ -13,9 +13,8 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from storage import ledger
+from storage.db import TransactionRunner
 from storage.ledger import Intake, IntakeResult, Refusal
 
 log = logging.getLogger(__name__)
@@ -28,12 +27,12 @@ _Item = tuple[Intake | Refusal, "asyncio.Future[IntakeResult | None]"]
 class WriteBatcher:
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        runner: TransactionRunner,
         *,
         max_batch: int = 500,
         on_commit: Callable[[Sequence[IntakeResult]], None] | None = None,
     ) -> None:
-        self._sessions = sessions
+        self._runner = runner
         self._max_batch = max_batch
         self._on_commit = on_commit
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -100,7 +99,7 @@ class WriteBatcher:
         refusals = [(item, fut) for item, fut in batch if isinstance(item, Refusal)]
         try:
             results = await ledger.record(
-                self._sessions, [i for i, _ in intakes], [r for r, _ in refusals]
+                self._runner, [i for i, _ in intakes], [r for r, _ in refusals]
             )
         except Exception as exc:
             # The writer must outlive a failed batch (database restarting, disk full): every

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy import event, orm
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -13,6 +17,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import ConnectionPoolEntry
+
+T = TypeVar("T")
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
@@ -42,8 +48,8 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
     )
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
-    sync_engine = engine.sync_engine
+def _tune_sqlite(engine: AsyncEngine | Engine) -> None:
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -68,3 +74,53 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+class TransactionRunner:
+    """Runs a synchronous unit of work in one transaction, in as few round trips as can be.
+
+    Hot paths (the intake ledger) write a whole batch with a dozen statements. Through
+    aiosqlite every statement is a hop to its thread and back through the event loop, measured
+    at 0.24 ms each here and far more while the loop is busy serving requests, so on SQLite the
+    whole transaction runs in one hop instead: on a dedicated thread with the synchronous
+    driver (same file, same tuning). On PostgreSQL each statement is a network round trip
+    anyway, and the work runs through `AsyncSession.run_sync` on the async engine.
+
+    Either way the unit of work is the same plain function of a `Session`: one implementation.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = sessionmaker(engine)
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._sync_sessions: orm.sessionmaker[orm.Session] | None = None
+        if is_sqlite(engine):
+            url = engine.url.set(drivername="sqlite+pysqlite")
+            sync_engine = sa_create_engine(url, pool_size=1, max_overflow=0)
+            _tune_sqlite(sync_engine)
+            self._sync_sessions = orm.sessionmaker(sync_engine, expire_on_commit=False)
+            # One thread owns the connection; SQLite allows one writer at a time anyway.
+            self._thread = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="signoff-sqlite-writer"
+            )
+
+    async def run(self, work: Callable[[orm.Session], T]) -> T:
+        if self._sync_sessions is None:
+            async with self._sessions.begin() as session:
+                return await session.run_sync(work)
+        sync_sessions = self._sync_sessions
+
+        def in_thread() -> T:
+            with sync_sessions.begin() as session:
+                return work(session)
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, in_thread)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        if self._sync_sessions is not None:
+            bind = self._sync_sessions.kw["bind"]
+            assert isinstance(bind, Engine)
+            bind.dispose()

@@ -15,13 +15,14 @@ from typing import Any
 
 from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from connectors.events import Event
 from connectors.redaction import redact_url
 from policies.model import Decision, DecisionKind
 from storage import audit
 from storage.audit import AuditEntry
+from storage.db import TransactionRunner
 from storage.models import EventRecord, OutboxJob, Request, RequestStatus, new_id, table_of
 from storage.outbox import job_row
 
@@ -126,10 +127,8 @@ def _request_row(
     }
 
 
-async def _existing_answers(
-    session: AsyncSession, delivery_ids: Sequence[str]
-) -> dict[str, IntakeResult]:
-    rows = await session.execute(
+def _existing_answers(session: Session, delivery_ids: Sequence[str]) -> dict[str, IntakeResult]:
+    rows = session.execute(
         select(
             EventRecord.delivery_id,
             EventRecord.id,
@@ -154,13 +153,13 @@ async def _existing_answers(
     }
 
 
-async def _pending_by_subject(
-    session: AsyncSession, subjects: set[tuple[str, str]]
+def _pending_by_subject(
+    session: Session, subjects: set[tuple[str, str]]
 ) -> dict[tuple[str, str], tuple[str, str]]:
     """(source, subject) -> (request id, version) of the pending request, if any."""
     if not subjects:
         return {}
-    rows = await session.execute(
+    rows = session.execute(
         select(Request.source, Request.subject, Request.id, Request.version).where(
             Request.status == RequestStatus.pending.value,
             tuple_(Request.source, Request.subject).in_(list(subjects)),
@@ -169,14 +168,12 @@ async def _pending_by_subject(
     return {(r.source, r.subject): (r.id, r.version) for r in rows}
 
 
-async def _write_batch(
-    session: AsyncSession, intakes: Sequence[Intake], refusals: Sequence[Refusal]
+def write_batch(
+    session: Session, intakes: Sequence[Intake], refusals: Sequence[Refusal]
 ) -> list[IntakeResult]:
     now = datetime.now(UTC)
-    answers = await _existing_answers(session, [i.event.delivery_id for i in intakes])
-    pending = await _pending_by_subject(
-        session, {(i.event.source, i.event.subject) for i in intakes}
-    )
+    answers = _existing_answers(session, [i.event.delivery_id for i in intakes])
+    pending = _pending_by_subject(session, {(i.event.source, i.event.subject) for i in intakes})
     events: list[dict[str, Any]] = []
     requests: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
@@ -307,7 +304,7 @@ async def _write_batch(
         # Core table, not the ORM entity: with a list of parameters the ORM would switch to its
         # "bulk UPDATE by primary key" mode, which ignores the status guard below.
         table = table_of(Request)
-        await session.execute(
+        session.execute(
             update(table)
             .where(table.c.id == bindparam("b_id"), table.c.status == RequestStatus.pending.value)
             .values(
@@ -319,17 +316,17 @@ async def _write_batch(
             superseded,
         )
     if events:
-        await session.execute(table_of(EventRecord).insert(), events)
+        session.execute(table_of(EventRecord).insert(), events)
     if requests:
-        await session.execute(table_of(Request).insert(), requests)
+        session.execute(table_of(Request).insert(), requests)
     if jobs:
-        await session.execute(table_of(OutboxJob).insert(), jobs)
-    await audit.append(session, entries)
+        session.execute(table_of(OutboxJob).insert(), jobs)
+    audit.append_sync(session, entries)
     return results
 
 
 async def record(
-    sessions: async_sessionmaker[AsyncSession],
+    runner: TransactionRunner,
     intakes: Sequence[Intake],
     refusals: Sequence[Refusal] = (),
 ) -> list[IntakeResult]:
@@ -340,17 +337,14 @@ async def record(
     race then sees the winner's row and answers as a duplicate or supersedes it.
     """
     try:
-        async with sessions.begin() as session:
-            return await _write_batch(session, intakes, refusals)
+        return await runner.run(lambda session: write_batch(session, intakes, refusals))
     except IntegrityError:
         if len(intakes) + len(refusals) <= 1:
             # Retry once: the conflicting row is committed now, so this pass sees it.
-            async with sessions.begin() as session:
-                return await _write_batch(session, intakes, refusals)
-    results: list[IntakeResult] = []
+            return await runner.run(lambda session: write_batch(session, intakes, refusals))
     if refusals:
-        async with sessions.begin() as session:
-            await _write_batch(session, (), refusals)
+        await runner.run(lambda session: write_batch(session, (), refusals))
+    results: list[IntakeResult] = []
     for intake in intakes:
-        results.extend(await record(sessions, [intake]))
+        results.extend(await record(runner, [intake]))
     return results

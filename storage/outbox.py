@@ -173,20 +173,18 @@ async def claim(
     if limit <= 0:
         return []
     locked_until = now + lease
+    is_due = or_(
+        and_(OutboxJob.status == JobStatus.pending.value, OutboxJob.next_attempt_at <= now),
+        and_(OutboxJob.status == JobStatus.running.value, OutboxJob.locked_until < now),
+    )
+    # Look before taking the write lock: most polls find nothing, and on SQLite an empty claim
+    # would still queue behind (and hold up) the intake's writer.
+    async with sessions() as session:
+        if await session.scalar(select(OutboxJob.id).where(is_due).limit(1)) is None:
+            return []
     due = (
         select(OutboxJob.id)
-        .where(
-            or_(
-                and_(
-                    OutboxJob.status == JobStatus.pending.value,
-                    OutboxJob.next_attempt_at <= now,
-                ),
-                and_(
-                    OutboxJob.status == JobStatus.running.value,
-                    OutboxJob.locked_until < now,
-                ),
-            )
-        )
+        .where(is_due)
         .order_by(OutboxJob.next_attempt_at, OutboxJob.id)
         .limit(limit)
         # PostgreSQL: rows another replica is claiming right now are skipped, not waited for,
