@@ -40,6 +40,10 @@ class Intake:
     decision: Decision
     # Outbox job kind that applies a final decision back to the source, or None.
     sync_kind: str | None = None
+    # Outbox job kinds that post a routed request's card and update a superseded one's (None:
+    # no chat configured).
+    card_kind: str | None = None
+    card_update_kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,16 @@ def sync_back_job(request_id: str, sync_kind: str, now: datetime) -> dict[str, A
     return job_row(
         kind=sync_kind,
         idempotency_key=f"sync-{request_id}",
+        payload={"request_id": request_id},
+        request_id=request_id,
+        now=now,
+    )
+
+
+def _card_job(kind: str, key: str, request_id: str, now: datetime) -> dict[str, Any]:
+    return job_row(
+        kind=kind,
+        idempotency_key=f"{key}-{request_id}",
         payload={"request_id": request_id},
         request_id=request_id,
         now=now,
@@ -231,6 +245,8 @@ def write_batch(
                 new_requests[request_id] = row
                 if status.is_final and intake.sync_kind:
                     jobs.append(sync_back_job(request_id, intake.sync_kind, now))
+                if not status.is_final and intake.card_kind:
+                    jobs.append(_card_job(intake.card_kind, "card", request_id, now))
             if current is not None:
                 cancel = {
                     "status": RequestStatus.cancelled.value,
@@ -244,6 +260,11 @@ def write_batch(
                     superseded.append(
                         {f"b_{k}": v for k, v in cancel.items()} | {"b_id": current[0]}
                     )
+                    if intake.card_update_kind:
+                        # Its card must stop offering buttons for a version that is gone.
+                        jobs.append(
+                            _card_job(intake.card_update_kind, "card-superseded", current[0], now)
+                        )
                 entries.append(
                     AuditEntry(
                         kind="request.superseded",

@@ -130,6 +130,9 @@ class Request(Base):
     # The outbox job kind that applies the final decision to the source ("webhook.callback"...);
     # None when the source asked for no answer.
     sync_kind: Mapped[str | None] = mapped_column(String(64))
+    # Where the approval card was posted (set once chat.postMessage succeeded).
+    card_channel: Mapped[str | None] = mapped_column(String(64))
+    card_ts: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         # At most one pending request per subject: a second replica racing to create one for

@@ -20,11 +20,12 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from connectors.redaction import redact_text
 from storage.audit import AuditEntry, append
 from storage.errors import InvalidTransition, NotFound
-from storage.models import JobStatus, OutboxJob, new_id
+from storage.models import JobStatus, OutboxJob, new_id, table_of
 
 # Long enough for a status line and a body snippet; an error is a hint, not a log archive.
 MAX_ERROR_CHARS = 2000
@@ -412,3 +413,16 @@ async def list_jobs_for_request(session: AsyncSession, request_id: str) -> Seque
         .order_by(OutboxJob.created_at, OutboxJob.id)
     )
     return [_view(job) for job in jobs]
+
+
+def insert_jobs(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Add job rows (from `job_row`) in a synchronous unit of work; a key already queued is
+    skipped, so a unit of work retried after a conflict cannot queue a side effect twice."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert(table_of(OutboxJob)).on_conflict_do_nothing(index_elements=["idempotency_key"]),
+        list(rows),
+    )
