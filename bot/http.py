@@ -19,7 +19,7 @@ from connectors.errors import InboundError, PayloadTooLarge
 from connectors.redaction import redact_text
 from connectors.webhook import intake as webhook
 from storage.errors import NotFound
-from storage.ledger import Intake, Refusal
+from storage.ledger import Refusal
 from storage.models import RequestStatus
 from storage.requests import get_request
 
@@ -79,9 +79,7 @@ async def post_event(request: web.Request) -> web.Response:
         await _audit_refusal(services, request, exc)
         raise
     decision = services.policy.decide(event)
-    result = await services.batcher.submit(
-        Intake(event, decision, sync_kind=webhook.SYNC_KIND if event.sync else None)
-    )
+    result = await services.batcher.submit(services.intake(event, decision))
     return web.json_response(result.as_json(), status=202)
 
 
@@ -161,4 +159,6 @@ def build_app(services: Services) -> web.Application:
     app.router.add_get("/v1/requests/{id}", get_request_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if services.slack is not None:
+        app.router.add_post("/slack/events", services.slack.handle)
     return app

@@ -5,28 +5,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import httpx
 from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.settings import Settings
+from bot.slack import jobs as slack_jobs
+from bot.slack.app import SlackBot
+from bot.slack.clicks import ClickService
+from bot.slack.client import make_client
+from bot.slack.directory import Directory, load_user_map
 from bot.sync import WebhookCallback
-from bot.worker import OutboxWorker
+from bot.worker import Handler, OutboxWorker
+from connectors.events import Event
 from connectors.redaction import redact_text
 from connectors.webhook import intake as webhook
 from connectors.webhook.signature import StandardWebhooks
 from policies.gateway import Policy
 from policies.loader import load_policy
+from policies.model import Decision
 from storage.batcher import WriteBatcher
 from storage.db import TransactionRunner, create_engine, sessionmaker
 from storage.errors import DatabaseUnavailable
-from storage.ledger import IntakeResult
+from storage.ledger import Intake, IntakeResult
 from storage.models import RequestStatus
 from storage.requests import StatusWatch
 from storage.schema import ensure_schema
@@ -50,8 +58,20 @@ class Services:
     watch: StatusWatch
     worker: OutboxWorker
     http: httpx.AsyncClient
+    slack: SlackBot | None = None
+    socket_mode: AsyncSocketModeHandler | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _worker_task: asyncio.Task[None] | None = None
+
+    def intake(self, event: Event, decision: Decision) -> Intake:
+        """The ledger entry for an accepted event, with the side effects it must queue."""
+        return Intake(
+            event,
+            decision,
+            sync_kind=webhook.SYNC_KIND if event.sync else None,
+            card_kind=slack_jobs.POST_CARD if self.slack else None,
+            card_update_kind=slack_jobs.UPDATE_CARD if self.slack else None,
+        )
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -80,7 +100,8 @@ class Services:
             follow_redirects=False,
             headers={"user-agent": "Signoff/0.1"},
         )
-        handlers = {
+        runner = TransactionRunner(engine)
+        handlers: dict[str, Handler] = {
             webhook.SYNC_KIND: WebhookCallback(
                 sessions,
                 http,
@@ -88,6 +109,9 @@ class Services:
                 timeout=settings.callback_timeout,
             ),
         }
+        slack = None
+        if settings.slack_bot_token is not None:
+            slack = _slack(settings, sessions, runner, handlers, lambda rid: changed(rid))
         worker = OutboxWorker(
             sessions,
             handlers,
@@ -97,13 +121,16 @@ class Services:
             lease=timedelta(seconds=max(60.0, settings.callback_timeout * 3)),
         )
 
+        def changed(request_id: str) -> None:
+            watch.notify([request_id])
+            worker.wake()
+
         def committed(results: Sequence[IntakeResult]) -> None:
             watch.notify([result.request_id for result in results])
             # Only decisions made at intake (auto-approved/-rejected) enqueue a sync-back.
             if any(r.status in _FINAL_AT_INTAKE and not r.duplicate for r in results):
                 worker.wake()
 
-        runner = TransactionRunner(engine)
         batcher = WriteBatcher(runner, on_commit=committed)
         batcher.start()
         services = cls(
@@ -117,13 +144,23 @@ class Services:
             watch=watch,
             worker=worker,
             http=http,
+            slack=slack,
         )
+        if slack is not None and settings.slack_app_token is not None:
+            services.socket_mode = AsyncSocketModeHandler(
+                slack.app, settings.slack_app_token.get_secret_value()
+            )
+            await services.socket_mode.connect_async()  # type: ignore[no-untyped-call]
         services._worker_task = asyncio.create_task(worker.run(), name="signoff-outbox-worker")
         return services
 
     async def close(self) -> None:
         """Flush accepted writes, let in-flight side effects finish, then let go of resources."""
         self.stopping.set()
+        if self.socket_mode is not None:
+            await self.socket_mode.close_async()  # type: ignore[no-untyped-call]
+        if self.slack is not None:
+            await self.slack.close()
         await self.batcher.stop()
         self.runner.close()
         await self.worker.stop(self.settings.shutdown_grace)
@@ -131,6 +168,40 @@ class Services:
             await self._worker_task
         await self.http.aclose()
         await self.engine.dispose()
+
+
+def _slack(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    runner: TransactionRunner,
+    handlers: dict[str, Handler],
+    changed: Callable[[str], None],
+) -> SlackBot:
+    """The Slack side: client, directory, the outbox handlers that talk to Slack, the Bolt app."""
+    settings.require("slack_signing_secret", purpose="verifying requests from Slack")
+    assert settings.slack_bot_token is not None and settings.slack_signing_secret is not None
+    client = make_client(
+        token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url
+    )
+    directory = Directory(
+        client,
+        ttl=settings.slack_group_ttl,
+        actor_map=load_user_map(settings.slack_user_map) if settings.slack_user_map else None,
+    )
+    handlers.update(slack_jobs.SlackJobHandlers(sessions, client, directory).handlers())
+    clicks = ClickService(
+        sessions=sessions,
+        runner=runner,
+        directory=directory,
+        jobs=slack_jobs.JOBS,
+        on_change=changed,
+    )
+    return SlackBot(
+        client=client,
+        signing_secret=settings.slack_signing_secret.get_secret_value(),
+        sessions=sessions,
+        clicks=clicks,
+    )
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:

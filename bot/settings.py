@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     )
     slack_app_token: SecretStr | None = Field(None, validation_alias=_env("SLACK_APP_TOKEN"))
     slack_api_url: str = Field("https://slack.com/api/", validation_alias=_env("SLACK_API_URL"))
+    slack_user_map: Path | None = Field(None, validation_alias=_env("SIGNOFF_SLACK_USER_MAP"))
+    slack_group_ttl: Annotated[float, Field(ge=0, le=86400)] = Field(
+        300.0, validation_alias=_env("SIGNOFF_SLACK_GROUP_TTL")
+    )
 
     github_webhook_secret: SecretStr | None = Field(
         None, validation_alias=_env("GITHUB_WEBHOOK_SECRET")

@@ -11,6 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from bot.http import build_app
 from bot.service import Services
 from bot.settings import load_settings
+from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn
+from tests.slack_support import SIGNING_SECRET
 from tests.support import POLICY, SECRET, CallbackSink
 
 API_TOKEN = "test-api-token-0123456789"
@@ -54,3 +56,56 @@ async def running(db_url: str) -> AsyncIterator[Running]:
     finally:
         await client.close()
         await services.close()
+
+
+# --- Slack: the running app wired to a local Slack stand-in --------------------------------
+
+SLACK_USERS = {
+    "U0CFO": {"name": "cfo", "real_name": "Casey CFO", "email": "cfo@example.com"},
+    "UA1": {"name": "ana", "real_name": "Ana Lead", "email": "ana@example.com"},
+    "UA2": {"name": "bo", "real_name": "Bo Lead", "email": "bo@example.com"},
+    "UDANA": {"name": "dana", "real_name": "Dana", "email": "dana@example.com"},
+    "UNOPE": {"name": "nope", "real_name": "Not Approver", "email": "nope@example.com"},
+}
+
+
+@dataclass
+class SlackRunning(Running):
+    slack: SlackStandIn
+    sink: CallbackSink
+
+
+@pytest.fixture
+async def slack_running(db_url: str, tmp_path) -> AsyncIterator[SlackRunning]:
+    standin = SlackStandIn(
+        channels={"C0FINANCE", "C0APPROVALS"},
+        users=SLACK_USERS,
+        usergroups={"S0FIN": ["UA1", "UA2", "UDANA"], "S0APP": ["UA1", "UA2"]},
+        usergroup_handles={"finance-leads": "S0FIN", "approvers": "S0APP"},
+    )
+    await standin.start()
+    sink = CallbackSink()
+    await sink.start()
+    settings = load_settings(
+        SIGNOFF_DATABASE_URL=db_url,
+        SIGNOFF_POLICY_PATH=str(POLICY),
+        SIGNOFF_WEBHOOK_SECRET=SECRET,
+        SIGNOFF_API_TOKEN=API_TOKEN,
+        SIGNOFF_OUTBOX_BACKOFF_BASE=0.05,
+        SIGNOFF_OUTBOX_BACKOFF_MAX=0.2,
+        SIGNOFF_OUTBOX_MAX_ATTEMPTS=3,
+        SIGNOFF_SHUTDOWN_GRACE=5,
+        SLACK_BOT_TOKEN=DEFAULT_TOKEN,
+        SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        SLACK_API_URL=standin.url,
+    )
+    services = await Services.start(settings)
+    client = TestClient(TestServer(build_app(services), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield SlackRunning(services, client, standin, sink)
+    finally:
+        await client.close()
+        await services.close()
+        await sink.stop()
+        await standin.stop()

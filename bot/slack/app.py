@@ -1,0 +1,189 @@
+"""The Slack app: Bolt listeners for the card's buttons, the reject modal and `/signoff`.
+
+Bolt runs with `process_before_response=True`: a listener finishes before Slack gets its answer,
+so the answer (the ack) is sent as soon as the vote is durable, with no polling. By default
+Bolt's async dispatch polls for `ack()` every 10 ms, which put a floor of ~11 ms under every
+click. Anything slow (opening a modal, an ephemeral note) runs after the ack, in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot.slack.cards import build_details_modal, build_reject_modal, parse_button_value
+from bot.slack.clicks import Click, ClickService
+from bot.slack.client import SlackFailure
+from storage.errors import NotFound
+from storage.requests import get_request
+from storage.votes import Choice, Refusal
+
+log = logging.getLogger(__name__)
+
+APPROVE = "signoff_approve"
+REJECT = "signoff_reject"
+DETAILS = "signoff_details"
+REJECT_MODAL = "signoff_reject_reason"
+
+HELP = (
+    "*Signoff* posts approval cards; approve or reject on the card itself.\n"
+    "`/signoff help` shows this. Status, pending, mine and replay are on their way."
+)
+
+
+def _user(body: dict[str, Any]) -> tuple[str, str]:
+    user = body.get("user") or {}
+    return str(user.get("id", "")), str(user.get("name") or user.get("username") or "")
+
+
+def _where(body: dict[str, Any]) -> tuple[str, str]:
+    """(channel, message ts) of the card a button was clicked on."""
+    container = body.get("container") or {}
+    channel = container.get("channel_id") or (body.get("channel") or {}).get("id", "")
+    ts = container.get("message_ts") or (body.get("message") or {}).get("ts", "")
+    return str(channel), str(ts)
+
+
+class SlackBot:
+    def __init__(
+        self,
+        *,
+        client: AsyncWebClient,
+        signing_secret: str,
+        sessions: async_sessionmaker[AsyncSession],
+        clicks: ClickService,
+    ) -> None:
+        self._client = client
+        self._sessions = sessions
+        self._clicks = clicks
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.app = AsyncApp(
+            client=client,
+            signing_secret=signing_secret,
+            process_before_response=True,
+        )
+        self.app.action(APPROVE)(self._on_approve)
+        self.app.action(REJECT)(self._on_reject)
+        self.app.action(DETAILS)(self._on_details)
+        self.app.view(REJECT_MODAL)(self._on_reject_reason)
+        self.app.command("/signoff")(self._on_command)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """The aiohttp route for `POST /slack/events`."""
+        response = await self.app.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(response)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+
+    def _later(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run after the ack; keep a reference so the task is not collected mid-flight."""
+        task = asyncio.create_task(self._guard(work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, work: Awaitable[object]) -> None:
+        try:
+            await work
+        except SlackFailure:
+            # Best effort by design (an ephemeral note, a modal); the vote itself is durable
+            # and audited whatever happens here.
+            log.warning("a Slack call after a click failed", exc_info=True)
+
+    def _tell(self, body: dict[str, Any], text: str) -> None:
+        user, _ = _user(body)
+        channel, _ = _where(body)
+        if channel and user:
+            self._later(self._client.chat_postEphemeral(channel=channel, user=user, text=text))
+
+    @staticmethod
+    def _click(body: dict[str, Any], choice: Choice, reason: str = "") -> Click | None:
+        actions = body.get("actions") or [{}]
+        parsed = parse_button_value(str(actions[0].get("value", "")))
+        if parsed is None:
+            return None
+        user_id, user_name = _user(body)
+        return Click(parsed[0], parsed[1], user_id, user_name, choice, reason)
+
+    async def _on_approve(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        click = self._click(body, Choice.approve)
+        if click is None:
+            await ack()
+            self._tell(body, "This button is not one of Signoff's.")
+            return
+        outcome = await self._clicks.vote(click)
+        await ack()
+        if isinstance(outcome, Refusal):
+            self._tell(body, f":no_entry: {outcome.value}. Nothing was changed.")
+
+    async def _on_reject(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        click = self._click(body, Choice.reject)
+        await ack()
+        if click is None:
+            self._tell(body, "This button is not one of Signoff's.")
+            return
+        refusal = await self._clicks.precheck(click)
+        if refusal is not None:
+            self._tell(body, f":no_entry: {refusal.value}. Nothing was changed.")
+            return
+        channel, ts = _where(body)
+        async with self._sessions() as session:
+            view = await get_request(session, click.request_id)
+        modal = build_reject_modal(view, channel=channel, ts=ts)
+        self._later(self._open(str(body.get("trigger_id", "")), modal))
+
+    async def _open(self, trigger_id: str, view: dict[str, Any]) -> None:
+        await self._client.views_open(trigger_id=trigger_id, view=view)
+
+    async def _on_details(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        click = self._click(body, Choice.approve)
+        if click is None:
+            return
+        try:
+            async with self._sessions() as session:
+                view = await get_request(session, click.request_id)
+        except NotFound:
+            self._tell(body, "This request no longer exists.")
+            return
+        self._later(self._open(str(body.get("trigger_id", "")), build_details_modal(view)))
+
+    async def _on_reject_reason(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        view = body.get("view") or {}
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+        except ValueError:
+            meta = {}
+        reason = (
+            ((view.get("state") or {}).get("values") or {}).get("reason", {}).get("reason", {})
+        ).get("value") or ""
+        if len(reason.strip()) < 3:
+            await ack(response_action="errors", errors={"reason": "Say why, in a few words."})
+            return
+        user_id, user_name = _user(body)
+        click = Click(
+            str(meta.get("r", "")),
+            str(meta.get("v", "")),
+            user_id,
+            user_name,
+            Choice.reject,
+            reason.strip(),
+        )
+        outcome = await self._clicks.vote(click)
+        if isinstance(outcome, Refusal):
+            await ack(response_action="errors", errors={"reason": f"{outcome.value}."})
+            return
+        await ack()
+
+    async def _on_command(self, ack: AsyncAck) -> None:
+        await ack(text=HELP)

@@ -1,0 +1,166 @@
+"""One place where a click becomes a vote: resolve who the clicker is, authorize against the
+route, write the vote durably (with every side effect it causes as outbox jobs), audit refusals.
+
+Listeners call this and nothing else, so authorization and auditing are not copied into each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot.slack.directory import Directory
+from policies.model import Route
+from storage.audit import append_sync
+from storage.db import TransactionRunner
+from storage.models import EventRecord, Request, RequestStatus
+from storage.votes import Ballot, Choice, Refusal, SlackJobs, VoteRefused, VoteResult, cast
+from storage.votes import refusal_entry as _refusal_entry
+
+
+@dataclass(frozen=True)
+class Click:
+    request_id: str
+    version: str
+    user_id: str
+    user_name: str
+    choice: Choice
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What authorization needs to know about a request; fixed once the request exists."""
+
+    route: Route | None
+    actor_id: str
+    actor_email: str
+    actor_team: str
+
+
+class ClickService:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        runner: TransactionRunner,
+        directory: Directory,
+        jobs: SlackJobs,
+        on_change: Callable[[str], None] = lambda _request_id: None,
+    ) -> None:
+        self._sessions = sessions
+        self._runner = runner
+        self._directory = directory
+        self._jobs = jobs
+        self._on_change = on_change
+        # Route and actor never change for a request id, so they are read once.
+        self._targets: dict[str, _Target | None] = {}
+
+    async def _target(self, request_id: str) -> _Target | None:
+        if request_id in self._targets:
+            return self._targets[request_id]
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(Request.route, EventRecord.body)
+                    .join(EventRecord, EventRecord.id == Request.event_id)
+                    .where(Request.id == request_id)
+                )
+            ).one_or_none()
+        if row is None:
+            return None  # not cached: a request id may be typed before it exists
+        actor: dict[str, Any] = row.body.get("actor") or {}
+        target = _Target(
+            route=Route.model_validate(row.route) if row.route else None,
+            actor_id=str(actor.get("id", "")),
+            actor_email=str(actor.get("email", "")),
+            actor_team=str(actor.get("team", "")),
+        )
+        if len(self._targets) > 10_000:
+            self._targets.clear()
+        self._targets[request_id] = target
+        return target
+
+    async def _ballot(self, click: Click, target: _Target) -> Ballot:
+        route = target.route
+        assert route is not None
+        groups = await self._directory.groups_of(click.user_id, route.approvers)
+        is_actor = False
+        if "actor" in route.forbid and (target.actor_id or target.actor_email):
+            actor_user = await self._directory.slack_user_for(
+                actor_id=target.actor_id, email=target.actor_email
+            )
+            is_actor = actor_user == click.user_id
+        in_team = False
+        if "actor_team" in route.forbid and target.actor_team:
+            # The actor's team is the Slack user group whose handle is the team's name.
+            in_team = await self._directory.in_group(click.user_id, target.actor_team)
+        return Ballot(
+            request_id=click.request_id,
+            version=click.version,
+            user_id=click.user_id,
+            user_name=click.user_name,
+            choice=click.choice,
+            reason=click.reason,
+            groups=groups,
+            is_actor=is_actor,
+            in_actor_team=in_team,
+            now=datetime.now(UTC),
+        )
+
+    async def precheck(self, click: Click) -> Refusal | None:
+        """Would this click be refused? Used before opening the reject modal, so nobody types
+        a reason for a click that cannot count. Writes nothing; the vote itself re-checks."""
+        target = await self._target(click.request_id)
+        if target is None:
+            return Refusal.not_found
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    select(Request.status, Request.version, Request.superseded_by).where(
+                        Request.id == click.request_id
+                    )
+                )
+            ).one()
+        if row.status != RequestStatus.pending.value:
+            return Refusal.superseded if row.superseded_by else Refusal.decided
+        if row.version != click.version:
+            return Refusal.superseded
+        if target.route is None:
+            return Refusal.decided
+        ballot = await self._ballot(click, target)
+        return None if ballot.groups else Refusal.not_approver
+
+    async def vote(self, click: Click) -> VoteResult | Refusal:
+        target = await self._target(click.request_id)
+        ballot: Ballot | None = None
+        try:
+            if target is None:
+                raise VoteRefused(Refusal.not_found)
+            if target.route is None:
+                raise VoteRefused(Refusal.decided)
+            ballot = await self._ballot(click, target)
+            result = await self._runner.run(lambda session: cast(session, ballot, self._jobs))
+        except VoteRefused as refused:
+            await self._audit_refusal(click, ballot, refused.refusal)
+            return refused.refusal
+        self._on_change(click.request_id)
+        return result
+
+    async def _audit_refusal(self, click: Click, ballot: Ballot | None, refusal: Refusal) -> None:
+        ballot = ballot or Ballot(
+            request_id=click.request_id,
+            version=click.version,
+            user_id=click.user_id,
+            user_name=click.user_name,
+            choice=click.choice,
+            reason=click.reason,
+            groups=[],
+        )
+        entry = _refusal_entry(ballot, refusal)
+        await self._runner.run(lambda session: append_sync(session, [entry]))

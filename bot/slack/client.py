@@ -1,0 +1,72 @@
+"""The Slack Web API client Signoff uses everywhere, and how its errors map onto the outbox's."""
+
+from __future__ import annotations
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+from connectors.errors import RetryableSyncError, SyncBackError, TerminalSyncError
+
+# Slack errors that will not go away by themselves; each gets a hint for the operator.
+TERMINAL_HINTS = {
+    "channel_not_found": "the route's channel id is wrong or the channel is private",
+    "not_in_channel": "invite the Signoff app to the channel",
+    "is_archived": "the channel is archived",
+    "invalid_blocks": "Slack refused the card's blocks",
+    "msg_too_long": "the message is too long",
+    "invalid_auth": "SLACK_BOT_TOKEN is wrong",
+    "not_authed": "SLACK_BOT_TOKEN is missing",
+    "token_revoked": "SLACK_BOT_TOKEN was revoked",
+    "account_inactive": "the bot's account is inactive",
+    "missing_scope": "the app lacks a scope: reinstall it from manifest.yml",
+    "message_not_found": "the card's message was deleted",
+    "cant_update_message": "the card cannot be updated",
+    "user_not_found": "no such Slack user",
+    "users_not_found": "no Slack user with that email",
+    "no_text": "the message had no text",
+}
+# Slack's own transient failures: worth another attempt.
+TRANSIENT = frozenset(
+    {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
+)
+
+
+def make_client(*, token: str, base_url: str) -> AsyncWebClient:
+    """A client that retries one rate-limited call itself, honouring Retry-After; anything
+    longer is left to the outbox, which waits without holding a worker."""
+    if not base_url.endswith("/"):
+        base_url += "/"
+    return AsyncWebClient(
+        token=token,
+        base_url=base_url,
+        timeout=10,
+        retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=1)],
+    )
+
+
+SlackFailure = (SlackApiError, aiohttp.ClientError, TimeoutError, OSError)
+
+
+def classify(method: str, exc: BaseException) -> SyncBackError:
+    """Translate a Slack client failure into a retryable or terminal outbox error."""
+    if isinstance(exc, SlackApiError):
+        status = exc.response.status_code
+        error = str(exc.response.get("error", "unknown_error"))
+        if status == 429 or error in TRANSIENT or status >= 500:
+            retry_after = exc.response.headers.get("Retry-After") or exc.response.headers.get(
+                "retry-after"
+            )
+            seconds = float(retry_after) if retry_after and retry_after.isdigit() else None
+            return RetryableSyncError(
+                f"Slack {method}: {error} (HTTP {status})", retry_after=seconds
+            )
+        hint = TERMINAL_HINTS.get(error)
+        detail = f": {hint}" if hint else ""
+        extra = exc.response.get("errors")
+        if error == "invalid_blocks" and extra:
+            detail += f" {extra}"
+        return TerminalSyncError(f"Slack refused {method}: {error}{detail}")
+    # Connection trouble and timeouts: Slack may well answer next time.
+    return RetryableSyncError(f"Slack {method}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,139 @@
+"""Outbox handlers for everything Signoff says in Slack: post the card, update it, reply in its
+thread, tell the requester the outcome. Each renders from the database when it runs, so a
+retried or replayed job sends the request as it stands, never a stale copy."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from slack_sdk.errors import SlackObjectFormationError
+from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot.slack.cards import build_card, outcome_dm, vote_reply_text
+from bot.slack.client import SlackFailure, classify
+from bot.slack.directory import Directory
+from connectors.errors import RetryableSyncError, TerminalSyncError
+from storage.errors import NotFound
+from storage.models import OutboxJob, Request, RequestStatus
+from storage.outbox import ClaimedJob
+from storage.requests import RequestView, get_request
+from storage.votes import SlackJobs
+
+POST_CARD = "slack.post_card"
+UPDATE_CARD = "slack.update_card"
+THREAD_REPLY = "slack.thread_reply"
+DM_OUTCOME = "slack.dm_outcome"
+JOBS = SlackJobs(update_card=UPDATE_CARD, thread_reply=THREAD_REPLY, dm_outcome=DM_OUTCOME)
+
+
+class SlackJobHandlers:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        client: AsyncWebClient,
+        directory: Directory,
+    ) -> None:
+        self._sessions = sessions
+        self._client = client
+        self._directory = directory
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            POST_CARD: self.post_card,
+            UPDATE_CARD: self.update_card,
+            THREAD_REPLY: self.thread_reply,
+            DM_OUTCOME: self.dm_outcome,
+        }
+
+    async def _view(self, job: ClaimedJob) -> RequestView:
+        request_id = str(job.payload["request_id"])
+        try:
+            async with self._sessions() as session:
+                return await get_request(session, request_id)
+        except NotFound:
+            raise TerminalSyncError(f"request {request_id} no longer exists") from None
+
+    async def _call(self, method: str, **kwargs: Any) -> Any:
+        try:
+            return await self._client.api_call(method, json=kwargs)
+        except SlackFailure as exc:
+            raise classify(method, exc) from exc
+
+    def _card_payload(self, view: RequestView) -> dict[str, Any]:
+        try:
+            return build_card(view, now=datetime.now(UTC)).as_payload()
+        except SlackObjectFormationError as exc:
+            # A card we cannot build will not build on retry either: say so and stop.
+            raise TerminalSyncError(f"the card breaks a Slack limit: {exc}") from exc
+
+    async def post_card(self, *, job: ClaimedJob) -> None:
+        view = await self._view(job)
+        request = view.request
+        if request.card_ts:
+            # Posted by an earlier attempt that crashed before finishing: bring it up to date.
+            await self._update(view)
+            return
+        if request.route is None:
+            raise TerminalSyncError(f"request {request.id} has no route, so no channel")
+        channel = str(request.route["channel"])
+        response = await self._call("chat.postMessage", channel=channel, **self._card_payload(view))
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(Request)
+                .where(Request.id == request.id, Request.card_ts.is_(None))
+                .values(card_channel=response["channel"], card_ts=response["ts"])
+            )
+        view = await self._view(job)
+        if view.request.status != RequestStatus.pending.value:
+            # Decided (or superseded) while the post was in flight: show the outcome.
+            await self._update(view)
+
+    async def _require_card(self, view: RequestView) -> tuple[str, str]:
+        request = view.request
+        if request.card_channel and request.card_ts:
+            return request.card_channel, request.card_ts
+        async with self._sessions() as session:
+            post = await session.scalar(
+                select(OutboxJob.status).where(OutboxJob.idempotency_key == f"card-{request.id}")
+            )
+        if post is None:
+            raise TerminalSyncError(f"request {request.id} has no card to update")
+        # Updates and replies wait for the card, so they always land after it, in order.
+        raise RetryableSyncError(f"the card of {request.id} is not posted yet ({post})")
+
+    async def _update(self, view: RequestView) -> None:
+        channel, ts = await self._require_card(view)
+        await self._call("chat.update", channel=channel, ts=ts, **self._card_payload(view))
+
+    async def update_card(self, *, job: ClaimedJob) -> None:
+        await self._update(await self._view(job))
+
+    async def thread_reply(self, *, job: ClaimedJob) -> None:
+        view = await self._view(job)
+        channel, ts = await self._require_card(view)
+        vote_id = int(job.payload["vote_id"])
+        vote = next((v for v in view.votes if v.id == vote_id), None)
+        if vote is None:
+            raise TerminalSyncError(f"vote {vote_id} of {view.request.id} no longer exists")
+        await self._call(
+            "chat.postMessage", channel=channel, thread_ts=ts, text=vote_reply_text(vote, view)
+        )
+
+    async def dm_outcome(self, *, job: ClaimedJob) -> None:
+        view = await self._view(job)
+        actor = view.event.body.get("actor") or {}
+        try:
+            user = await self._directory.slack_user_for(
+                actor_id=str(actor.get("id", "")), email=str(actor.get("email", ""))
+            )
+        except SlackFailure as exc:
+            raise classify("users.lookupByEmail", exc) from exc
+        if user is None:
+            return  # the requester is not a Slack user we know: nobody to tell
+        opened = await self._call("conversations.open", users=user)
+        text, blocks = outcome_dm(view)
+        channel = opened["channel"]["id"]
+        await self._call("chat.postMessage", channel=channel, text=text, blocks=blocks)
