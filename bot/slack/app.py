@@ -76,6 +76,8 @@ class SlackBot:
         self.app.action(DETAILS)(self._on_details)
         self.app.view(REJECT_MODAL)(self._on_reject_reason)
         self.app.command("/signoff")(self._on_command)
+        self.app.event("app_uninstalled")(self._on_uninstalled)
+        self.app.event("tokens_revoked")(self._on_uninstalled)
 
     async def handle(self, request: web.Request) -> web.Response:
         """The aiohttp route for `POST /slack/events`."""
@@ -187,3 +189,9 @@ class SlackBot:
 
     async def _on_command(self, ack: AsyncAck) -> None:
         await ack(text=HELP)
+
+    async def _on_uninstalled(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        event = (body.get("event") or {}).get("type", "?")
+        # Loud on purpose: from now on every card post will dead-letter.
+        log.error("Slack sent %s: no card can be posted; reinstall from manifest.yml", event)
