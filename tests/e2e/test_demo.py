@@ -1,0 +1,33 @@
+"""`signoff demo` is the README's first command: it must tell the whole story and end by itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_demo_runs_the_whole_flow() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGNOFF_", "SLACK_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "auto_approve by rule small-refunds, status approved" in out
+    assert "ignore by rule heartbeats" in out
+    assert "401: no webhook-signature matches" in out
+    # Cards as the Slack stand-in received them, with buttons while pending.
+    assert "the card in #C0FINANCE" in out and "[ Approve ] [ Reject ] [ Details ]" in out
+    # A non-approver and the requester are refused; the SRE lead's click decides.
+    assert "you are not one of this request's approvers" in out
+    assert "you started this action, so you may not approve it" in out
+    assert "approved by sam" in out
+    assert "DM to Mona (the requester): Approved" in out
+    assert "2 decision(s) synced back to the source" in out
+    assert "intact" in out
