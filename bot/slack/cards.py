@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,6 +54,7 @@ from connectors.redaction import redact, redact_text
 from policies.model import ApproverGroup, Route, format_duration
 from storage.models import Request, RequestStatus, Vote
 from storage.requests import RequestView
+from storage.votes import progress
 
 __all__ = [
     "APPROVE_ACTION",
@@ -316,22 +317,14 @@ def _approvers(entry: ApproverGroup) -> str:
     return ", ".join(user(ref) for ref in entry.users or [])
 
 
-def _approvals(entry: ApproverGroup, votes: Iterable[Vote]) -> int:
-    # A vote counts toward every approver entry whose label it was recorded against.
-    return sum(
-        1 for vote in votes if vote.choice == "approve" and entry.label in (vote.groups or [])
-    )
-
-
 def progress_line(route: Route, votes: Sequence[Vote]) -> str:
     """`2 of @finance-leads (1/2) · 1 of <@U0CFO> (0/1)`: what is needed and how far along."""
+    # Counted by storage's rule, the one that decides the request, so the card cannot disagree.
+    tally = progress(route, [(vote.choice, vote.groups or []) for vote in votes])
     parts = []
-    for entry in route.approvers:
-        done = _approvals(entry, votes)
-        mark = " :white_check_mark:" if done >= entry.min else ""
-        parts.append(
-            f"{entry.min} of {_approvers(entry)} ({min(done, entry.min)}/{entry.min}){mark}"
-        )
+    for entry, (_, done, need) in zip(route.approvers, tally, strict=True):
+        mark = " :white_check_mark:" if done >= need else ""
+        parts.append(f"{need} of {_approvers(entry)} ({min(done, need)}/{need}){mark}")
     return " · ".join(parts)
 
 
