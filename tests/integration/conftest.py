@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -34,28 +35,41 @@ async def sink() -> AsyncIterator[CallbackSink]:
         await receiver.stop()
 
 
-@pytest.fixture
-async def running(db_url: str) -> AsyncIterator[Running]:
-    settings = load_settings(
-        SIGNOFF_DATABASE_URL=db_url,
-        SIGNOFF_POLICY_PATH=str(POLICY),
-        SIGNOFF_WEBHOOK_SECRET=SECRET,
-        SIGNOFF_API_TOKEN=API_TOKEN,
-        SIGNOFF_MAX_BODY_BYTES=16 * 1024,
-        SIGNOFF_OUTBOX_BACKOFF_BASE=0.05,
-        SIGNOFF_OUTBOX_BACKOFF_MAX=0.2,
-        SIGNOFF_OUTBOX_MAX_ATTEMPTS=3,
-        SIGNOFF_CALLBACK_TIMEOUT=2,
-        SIGNOFF_SHUTDOWN_GRACE=5,
-    )
-    services = await Services.start(settings)
+def test_settings(db_url: str, **overrides: object) -> dict[str, object]:
+    """The settings every in-process app runs with: fast retries, a small body limit."""
+    return {
+        "SIGNOFF_DATABASE_URL": db_url,
+        "SIGNOFF_POLICY_PATH": str(POLICY),
+        "SIGNOFF_WEBHOOK_SECRET": SECRET,
+        "SIGNOFF_API_TOKEN": API_TOKEN,
+        "SIGNOFF_MAX_BODY_BYTES": 16 * 1024,
+        "SIGNOFF_OUTBOX_BACKOFF_BASE": 0.05,
+        "SIGNOFF_OUTBOX_BACKOFF_MAX": 0.2,
+        "SIGNOFF_OUTBOX_MAX_ATTEMPTS": 3,
+        "SIGNOFF_CALLBACK_TIMEOUT": 2,
+        "SIGNOFF_SHUTDOWN_GRACE": 5,
+        **overrides,
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: dict[str, object]) -> AsyncIterator[Running]:
+    """Signoff's app on a real local port, in this process."""
+    services = await Services.start(load_settings(**settings))
     client = TestClient(TestServer(build_app(services), host="127.0.0.1"))
     await client.start_server()
     try:
         yield Running(services, client)
     finally:
         await client.close()
-        await services.close()
+        if not services.stopping.is_set():  # a test may have closed it already
+            await services.close()
+
+
+@pytest.fixture
+async def running(db_url: str) -> AsyncIterator[Running]:
+    async with running_app(test_settings(db_url)) as app:
+        yield app
 
 
 # --- Slack: the running app wired to a local Slack stand-in --------------------------------
@@ -75,8 +89,10 @@ class SlackRunning(Running):
     sink: CallbackSink
 
 
-@pytest.fixture
-async def slack_running(db_url: str, tmp_path) -> AsyncIterator[SlackRunning]:
+@contextlib.asynccontextmanager
+async def slack_app(db_url: str, **overrides: object) -> AsyncIterator[SlackRunning]:
+    """The app wired to a Slack stand-in (finance leads, approvers, a requester who is also a
+    finance lead) and to a callback sink standing in for the source system."""
     standin = SlackStandIn(
         channels={"C0FINANCE", "C0APPROVALS"},
         users=SLACK_USERS,
@@ -86,26 +102,22 @@ async def slack_running(db_url: str, tmp_path) -> AsyncIterator[SlackRunning]:
     await standin.start()
     sink = CallbackSink()
     await sink.start()
-    settings = load_settings(
-        SIGNOFF_DATABASE_URL=db_url,
-        SIGNOFF_POLICY_PATH=str(POLICY),
-        SIGNOFF_WEBHOOK_SECRET=SECRET,
-        SIGNOFF_API_TOKEN=API_TOKEN,
-        SIGNOFF_OUTBOX_BACKOFF_BASE=0.05,
-        SIGNOFF_OUTBOX_BACKOFF_MAX=0.2,
-        SIGNOFF_OUTBOX_MAX_ATTEMPTS=3,
-        SIGNOFF_SHUTDOWN_GRACE=5,
+    settings = test_settings(
+        db_url,
         SLACK_BOT_TOKEN=DEFAULT_TOKEN,
         SLACK_SIGNING_SECRET=SIGNING_SECRET,
         SLACK_API_URL=standin.url,
+        **overrides,
     )
-    services = await Services.start(settings)
-    client = TestClient(TestServer(build_app(services), host="127.0.0.1"))
-    await client.start_server()
     try:
-        yield SlackRunning(services, client, standin, sink)
+        async with running_app(settings) as app:
+            yield SlackRunning(app.services, app.client, standin, sink)
     finally:
-        await client.close()
-        await services.close()
         await sink.stop()
         await standin.stop()
+
+
+@pytest.fixture
+async def slack_running(db_url: str) -> AsyncIterator[SlackRunning]:
+    async with slack_app(db_url) as env:
+        yield env
