@@ -119,6 +119,7 @@ class Services:
             backoff_base=settings.outbox_backoff_base,
             backoff_max=settings.outbox_backoff_max,
             lease=timedelta(seconds=max(60.0, settings.callback_timeout * 3)),
+            runner=runner,
         )
 
         def changed(request_id: str) -> None:
@@ -162,10 +163,11 @@ class Services:
         if self.slack is not None:
             await self.slack.close()
         await self.batcher.stop()
-        self.runner.close()
         await self.worker.stop(self.settings.shutdown_grace)
         if self._worker_task is not None:
             await self._worker_task
+        # Last: the batcher and the worker write through it.
+        self.runner.close()
         await self.http.aclose()
         await self.engine.dispose()
 

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
@@ -24,7 +24,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.retry import retry_delay
 from connectors.errors import RetryableSyncError, TerminalSyncError
-from storage.outbox import ClaimedJob, claim, clean_error, complete, dead_letter, retry_later
+from storage.db import TransactionRunner
+from storage.outbox import (
+    ClaimedJob,
+    Outcome,
+    any_due,
+    claim,
+    claim_sync,
+    clean_error,
+    record_outcomes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +63,37 @@ class _Outcome:
     retry_after: float | None = None
 
 
+class _OutcomeWriter:
+    """Writes finished attempts' outcomes together: whatever finished while the previous write
+    was committing goes into the next transaction (the intake's group commit, for the outbox)."""
+
+    def __init__(self, write: Callable[[list[Outcome]], Awaitable[list[bool]]]) -> None:
+        self._write = write
+        self._pending: list[tuple[Outcome, asyncio.Future[bool]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def submit(self, outcome: Outcome) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((outcome, future))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                applied = await self._write([outcome for outcome, _ in batch])
+            except (SQLAlchemyError, OSError) as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), ok in zip(batch, applied, strict=True):
+                if not future.done():
+                    future.set_result(ok)
+
+
 class OutboxWorker:
     """Runs outbox jobs with at most `concurrency` handlers at a time.
 
@@ -75,10 +115,15 @@ class OutboxWorker:
         concurrency: int = 8,
         clock: Callable[[], datetime] = _utcnow,
         name: str | None = None,
+        runner: TransactionRunner | None = None,
     ) -> None:
         if max_attempts < 1 or concurrency < 1 or batch < 1:
             raise ValueError("max_attempts, concurrency and batch must be at least 1")
         self._sessions = sessions
+        # With a runner (the service shares the intake's), claims and outcomes each take one
+        # hop to the database; without one they go through the async sessions.
+        self._runner = runner
+        self._outcomes = _OutcomeWriter(self._write_outcomes)
         self._handlers = dict(handlers)
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
@@ -170,13 +215,16 @@ class OutboxWorker:
             pass
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
+        now = self._clock()
         try:
-            return await claim(
-                self._sessions,
-                worker=self.name,
-                limit=limit,
-                lease=self._lease,
-                now=self._clock(),
+            if self._runner is None:
+                return await claim(
+                    self._sessions, worker=self.name, limit=limit, lease=self._lease, now=now
+                )
+            if not await any_due(self._sessions, now=now):
+                return []
+            return await self._runner.run(
+                lambda session: claim_sync(session, limit=limit, lease=self._lease, now=now)
             )
         except (SQLAlchemyError, OSError):
             # The loop must outlive a database outage or failover: log, wait a poll interval,
@@ -240,41 +288,47 @@ class OutboxWorker:
             return _Outcome("retry", f"unexpected {type(exc).__name__} in handler: {exc}")
         return _Outcome("done")
 
+    async def _write_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
+        now = self._clock()
+        if self._runner is not None:
+            return await self._runner.run(
+                lambda session: record_outcomes(session, outcomes, now=now)
+            )
+        async with self._sessions.begin() as session:
+            return await session.run_sync(record_outcomes, outcomes, now=now)
+
     async def _record(self, job: ClaimedJob, outcome: _Outcome) -> None:
         now = self._clock()
+        if outcome.kind == "done":
+            stored = Outcome.done(job, now=now)
+        elif outcome.kind == "retry" and job.attempts < self._max_attempts:
+            delay = retry_delay(
+                job.attempts,
+                base=self._backoff_base,
+                cap=self._backoff_max,
+                retry_after=outcome.retry_after,
+            )
+            logger.info(
+                "outbox job %s (%s) attempt %d failed, retrying in %.1fs: %s",
+                job.id,
+                job.kind,
+                job.attempts,
+                delay,
+                clean_error(outcome.error),
+            )
+            stored = Outcome.retry(
+                job, error=outcome.error, next_attempt_at=now + timedelta(seconds=delay)
+            )
+        else:
+            error = outcome.error
+            if outcome.kind == "retry":
+                error = f"gave up after {job.attempts} attempts; last error: {error}"
+            logger.warning(
+                "outbox job %s (%s) dead-lettered: %s", job.id, job.kind, clean_error(error)
+            )
+            stored = Outcome.dead(job, error=error)
         try:
-            if outcome.kind == "done":
-                applied = await complete(self._sessions, job, now=now)
-            elif outcome.kind == "retry" and job.attempts < self._max_attempts:
-                delay = retry_delay(
-                    job.attempts,
-                    base=self._backoff_base,
-                    cap=self._backoff_max,
-                    retry_after=outcome.retry_after,
-                )
-                logger.info(
-                    "outbox job %s (%s) attempt %d failed, retrying in %.1fs: %s",
-                    job.id,
-                    job.kind,
-                    job.attempts,
-                    delay,
-                    clean_error(outcome.error),
-                )
-                applied = await retry_later(
-                    self._sessions,
-                    job,
-                    error=outcome.error,
-                    next_attempt_at=now + timedelta(seconds=delay),
-                    now=now,
-                )
-            else:
-                error = outcome.error
-                if outcome.kind == "retry":
-                    error = f"gave up after {job.attempts} attempts; last error: {error}"
-                logger.warning(
-                    "outbox job %s (%s) dead-lettered: %s", job.id, job.kind, clean_error(error)
-                )
-                applied = await dead_letter(self._sessions, job, error=error, now=now)
+            applied = await self._outcomes.submit(stored)
         except (SQLAlchemyError, OSError):
             # The outcome is lost, not the job: it stays running until its lease expires and
             # is then attempted again. The loop keeps going for the other jobs.

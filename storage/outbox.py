@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from connectors.redaction import redact_text
-from storage.audit import AuditEntry, append
+from storage.audit import AuditEntry, append, append_sync
 from storage.errors import InvalidTransition, NotFound
 from storage.models import JobStatus, OutboxJob, new_id, table_of
 
@@ -158,34 +158,30 @@ async def enqueue(
     return existing
 
 
-async def claim(
-    sessions: async_sessionmaker[AsyncSession],
-    *,
-    worker: str,
-    limit: int,
-    lease: timedelta,
-    now: datetime,
-) -> list[ClaimedJob]:
-    """Take up to `limit` due jobs for `worker` and lease them until `now + lease`.
-
-    Due means pending and past `next_attempt_at`, or running with an expired lease (the worker
-    that held it is gone). `worker` names the claimant in errors; ownership itself is the lease.
-    """
-    if limit <= 0:
-        return []
-    locked_until = now + lease
-    is_due = or_(
+def _is_due(now: datetime) -> ColumnElement[bool]:
+    return or_(
         and_(OutboxJob.status == JobStatus.pending.value, OutboxJob.next_attempt_at <= now),
         and_(OutboxJob.status == JobStatus.running.value, OutboxJob.locked_until < now),
     )
-    # Look before taking the write lock: most polls find nothing, and on SQLite an empty claim
-    # would still queue behind (and hold up) the intake's writer.
+
+
+async def any_due(sessions: async_sessionmaker[AsyncSession], *, now: datetime) -> bool:
+    """A read-only look: most polls find nothing, and on SQLite an empty claim would still take
+    the write lock and queue behind (and hold up) the intake's writer."""
     async with sessions() as session:
-        if await session.scalar(select(OutboxJob.id).where(is_due).limit(1)) is None:
-            return []
+        return await session.scalar(select(OutboxJob.id).where(_is_due(now)).limit(1)) is not None
+
+
+def claim_sync(
+    session: Session, *, limit: int, lease: timedelta, now: datetime
+) -> list[ClaimedJob]:
+    """`claim` as a synchronous unit of work (see `storage.db.TransactionRunner`)."""
+    if limit <= 0:
+        return []
+    locked_until = now + lease
     due = (
         select(OutboxJob.id)
-        .where(is_due)
+        .where(_is_due(now))
         .order_by(OutboxJob.next_attempt_at, OutboxJob.id)
         .limit(limit)
         # PostgreSQL: rows another replica is claiming right now are skipped, not waited for,
@@ -214,8 +210,7 @@ async def claim(
         # Nothing in the session mirrors these rows; skip the ORM's bookkeeping.
         .execution_options(synchronize_session=False)
     )
-    async with sessions() as session, session.begin():
-        rows = (await session.execute(statement)).all()
+    rows = session.execute(statement).all()
     # RETURNING has no order; hand jobs out oldest-due first as the claim chose them.
     rows = sorted(rows, key=lambda row: (row.next_attempt_at, row.id))
     return [
@@ -232,6 +227,27 @@ async def claim(
     ]
 
 
+async def claim(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    worker: str,
+    limit: int,
+    lease: timedelta,
+    now: datetime,
+) -> list[ClaimedJob]:
+    """Take up to `limit` due jobs for `worker` and lease them until `now + lease`.
+
+    Due means pending and past `next_attempt_at`, or running with an expired lease (the worker
+    that held it is gone). `worker` names the claimant in errors; ownership itself is the lease.
+    """
+    if limit <= 0 or not await any_due(sessions, now=now):
+        return []
+    async with sessions.begin() as session:
+        return await session.run_sync(
+            lambda sync: claim_sync(sync, limit=limit, lease=lease, now=now)
+        )
+
+
 def _still_ours(job: ClaimedJob) -> ColumnElement[bool]:
     # `attempts` alone is not enough: a replay resets it, so after expiry, dead-lettering and
     # a replay a new claim can carry the same number. `locked_until` differs between claims.
@@ -243,38 +259,91 @@ def _still_ours(job: ClaimedJob) -> ColumnElement[bool]:
     )
 
 
-async def _finish_attempt(
-    sessions: async_sessionmaker[AsyncSession],
-    job: ClaimedJob,
-    *,
-    values: dict[str, Any],
-    audit_kind: str,
-    audit_data: dict[str, Any],
-    now: datetime,
-) -> bool:
-    statement = (
-        update(OutboxJob)
-        .where(_still_ours(job))
-        .values(updated_at=now, locked_until=None, **values)
-        .returning(OutboxJob.id)
-        .execution_options(synchronize_session=False)
-    )
-    async with sessions() as session, session.begin():
-        applied = (await session.execute(statement)).scalar_one_or_none() is not None
-        if applied:
-            await append(
-                session,
-                [
-                    AuditEntry(
-                        kind=audit_kind,
-                        actor=OUTBOX_ACTOR,
-                        data={"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
-                        | audit_data,
-                        request_id=job.request_id,
-                        at=now,
-                    )
-                ],
+@dataclass(frozen=True)
+class Outcome:
+    """How one claimed attempt ended: what its row and its audit record will say."""
+
+    job: ClaimedJob
+    values: dict[str, Any]
+    audit_kind: str
+    audit_data: dict[str, Any]
+
+    @classmethod
+    def done(cls, job: ClaimedJob, *, now: datetime, detail: str = "") -> Outcome:
+        # `last_error` is kept: "delivered on attempt 3" is more useful next to why 1 and 2
+        # failed.
+        return cls(
+            job,
+            {"status": JobStatus.done.value, "done_at": now},
+            "sync.delivered",
+            {"detail": clean_error(detail)} if detail else {},
+        )
+
+    @classmethod
+    def retry(cls, job: ClaimedJob, *, error: str, next_attempt_at: datetime) -> Outcome:
+        error = clean_error(error)
+        return cls(
+            job,
+            {
+                "status": JobStatus.pending.value,
+                "next_attempt_at": next_attempt_at,
+                "last_error": error,
+            },
+            "sync.attempt_failed",
+            {"error": error, "next_attempt_at": next_attempt_at.isoformat()},
+        )
+
+    @classmethod
+    def dead(cls, job: ClaimedJob, *, error: str) -> Outcome:
+        error = clean_error(error)
+        return cls(
+            job,
+            {"status": JobStatus.dead.value, "last_error": error},
+            "sync.dead_lettered",
+            {"error": error},
+        )
+
+
+def record_outcomes(session: Session, outcomes: Sequence[Outcome], *, now: datetime) -> list[bool]:
+    """Write attempts' outcomes and their audit records in the caller's transaction.
+
+    Each applies only if its claim still holds (see `_still_ours`); the result says which did.
+    Many outcomes share one transaction: under load the worker finishes jobs faster than one
+    commit each would allow.
+    """
+    applied: list[bool] = []
+    entries: list[AuditEntry] = []
+    for outcome in outcomes:
+        job = outcome.job
+        statement = (
+            update(OutboxJob)
+            .where(_still_ours(job))
+            .values(updated_at=now, locked_until=None, **outcome.values)
+            .returning(OutboxJob.id)
+            .execution_options(synchronize_session=False)
+        )
+        ok = session.execute(statement).scalar_one_or_none() is not None
+        applied.append(ok)
+        if ok:
+            entries.append(
+                AuditEntry(
+                    kind=outcome.audit_kind,
+                    actor=OUTBOX_ACTOR,
+                    data={"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
+                    | outcome.audit_data,
+                    request_id=job.request_id,
+                    at=now,
+                )
             )
+    append_sync(session, entries)
+    return applied
+
+
+async def _record_one(
+    sessions: async_sessionmaker[AsyncSession], outcome: Outcome, now: datetime
+) -> bool:
+    async with sessions.begin() as session:
+        [applied] = await session.run_sync(record_outcomes, [outcome], now=now)
     return applied
 
 
@@ -285,18 +354,8 @@ async def complete(
     now: datetime,
     detail: str = "",
 ) -> bool:
-    """Mark the claimed attempt delivered; False if the claim was lost (nothing changed).
-
-    `last_error` is kept: "delivered on attempt 3" is more useful next to why 1 and 2 failed.
-    """
-    return await _finish_attempt(
-        sessions,
-        job,
-        values={"status": JobStatus.done.value, "done_at": now},
-        audit_kind="sync.delivered",
-        audit_data={"detail": clean_error(detail)} if detail else {},
-        now=now,
-    )
+    """Mark the claimed attempt delivered; False if the claim was lost (nothing changed)."""
+    return await _record_one(sessions, Outcome.done(job, now=now, detail=detail), now)
 
 
 async def retry_later(
@@ -308,19 +367,8 @@ async def retry_later(
     now: datetime,
 ) -> bool:
     """Record a failed attempt and make the job due again at `next_attempt_at`."""
-    error = clean_error(error)
-    return await _finish_attempt(
-        sessions,
-        job,
-        values={
-            "status": JobStatus.pending.value,
-            "next_attempt_at": next_attempt_at,
-            "last_error": error,
-        },
-        audit_kind="sync.attempt_failed",
-        audit_data={"error": error, "next_attempt_at": next_attempt_at.isoformat()},
-        now=now,
-    )
+    outcome = Outcome.retry(job, error=error, next_attempt_at=next_attempt_at)
+    return await _record_one(sessions, outcome, now)
 
 
 async def dead_letter(
@@ -331,15 +379,7 @@ async def dead_letter(
     now: datetime,
 ) -> bool:
     """Stop retrying: the job waits for an operator's `replay`."""
-    error = clean_error(error)
-    return await _finish_attempt(
-        sessions,
-        job,
-        values={"status": JobStatus.dead.value, "last_error": error},
-        audit_kind="sync.dead_lettered",
-        audit_data={"error": error},
-        now=now,
-    )
+    return await _record_one(sessions, Outcome.dead(job, error=error), now)
 
 
 async def replay(
