@@ -35,13 +35,11 @@ from storage.batcher import WriteBatcher
 from storage.db import TransactionRunner, create_engine, sessionmaker
 from storage.errors import DatabaseUnavailable
 from storage.ledger import Intake, IntakeResult
-from storage.models import RequestStatus
 from storage.requests import StatusWatch
 from storage.schema import ensure_schema
 
 log = logging.getLogger(__name__)
 
-_FINAL_AT_INTAKE = frozenset({RequestStatus.approved.value, RequestStatus.rejected.value})
 
 
 @dataclass
@@ -128,8 +126,7 @@ class Services:
 
         def committed(results: Sequence[IntakeResult]) -> None:
             watch.notify([result.request_id for result in results])
-            # Only decisions made at intake (auto-approved/-rejected) enqueue a sync-back.
-            if any(r.status in _FINAL_AT_INTAKE and not r.duplicate for r in results):
+            if any(result.queued_jobs for result in results):
                 worker.wake()
 
         batcher = WriteBatcher(runner, on_commit=committed)

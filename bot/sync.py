@@ -9,7 +9,7 @@ from connectors.errors import TerminalSyncError
 from connectors.webhook.callback import callback_payload, deliver_callback
 from storage.errors import NotFound
 from storage.outbox import ClaimedJob
-from storage.requests import get_request
+from storage.requests import get_decision
 
 
 class WebhookCallback:
@@ -32,17 +32,17 @@ class WebhookCallback:
         request_id = str(job.payload["request_id"])
         try:
             async with self._sessions() as session:
-                view = await get_request(session, request_id)
+                decision = await get_decision(session, request_id)
         except NotFound:
             raise TerminalSyncError(f"request {request_id} no longer exists") from None
-        url = view.event.body.get("callback_url")
+        url = decision["event"].get("callback_url")
         if not url:
             raise TerminalSyncError(f"request {request_id} has no callback_url")
         # Built from the request as stored now: a replay sends the decision as it stands.
         await deliver_callback(
             self._client,
             url=url,
-            payload=callback_payload(view.as_json()),
+            payload=callback_payload(decision),
             webhook_id=job.idempotency_key,
             secret=self._secret,
             timeout=self._timeout,

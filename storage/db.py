@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event, orm
 from sqlalchemy.engine import Engine, make_url
@@ -19,6 +21,15 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 T = TypeVar("T")
+
+
+def json_serializer(value: Any) -> str:
+    """JSON columns' serializer: orjson (several times faster on the intake's hot path), with
+    the standard library for what orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
@@ -36,6 +47,7 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
             pool_size=4,
             max_overflow=4,
             connect_args={"timeout": 30},
+            json_serializer=json_serializer,
         )
         _tune_sqlite(engine)
         return engine
@@ -45,6 +57,7 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
         pool_size=10,
         max_overflow=10,
         pool_pre_ping=True,
+        json_serializer=json_serializer,
     )
 
 
@@ -96,7 +109,9 @@ class TransactionRunner:
         self._sync_sessions: orm.sessionmaker[orm.Session] | None = None
         if is_sqlite(engine):
             url = engine.url.set(drivername="sqlite+pysqlite")
-            sync_engine = sa_create_engine(url, pool_size=1, max_overflow=0)
+            sync_engine = sa_create_engine(
+                url, pool_size=1, max_overflow=0, json_serializer=json_serializer
+            )
             _tune_sqlite(sync_engine)
             self._sync_sessions = orm.sessionmaker(sync_engine, expire_on_commit=False)
             # One thread owns the connection; SQLite allows one writer at a time anyway.

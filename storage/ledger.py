@@ -65,6 +65,8 @@ class IntakeResult:
     status: str | None
     rule: str
     duplicate: bool = False
+    # This delivery queued outbox jobs (a sync-back, a card): the worker has work.
+    queued_jobs: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -142,6 +144,12 @@ def _request_row(
 
 
 def _existing_answers(session: Session, delivery_ids: Sequence[str]) -> dict[str, IntakeResult]:
+    # Duplicates are rare: a lookup on the unique index first, the join only when one is found.
+    known = session.scalars(
+        select(EventRecord.delivery_id).where(EventRecord.delivery_id.in_(delivery_ids))
+    ).all()
+    if not known:
+        return {}
     rows = session.execute(
         select(
             EventRecord.delivery_id,
@@ -152,7 +160,7 @@ def _existing_answers(session: Session, delivery_ids: Sequence[str]) -> dict[str
             Request.status,
         )
         .outerjoin(Request, Request.id == EventRecord.request_id)
-        .where(EventRecord.delivery_id.in_(delivery_ids))
+        .where(EventRecord.delivery_id.in_(known))
     )
     return {
         row.delivery_id: IntakeResult(
@@ -220,6 +228,7 @@ def write_batch(
         body = event.model_dump(mode="json")
         decision_json = decision.model_dump(mode="json")
         current = pending.get(key)
+        jobs_before = len(jobs)
         entries.append(
             AuditEntry(
                 kind="event.received",
@@ -316,10 +325,11 @@ def write_batch(
             decision=decision.kind.value,
             status=status.value if status else None,
             rule=decision.rule,
+            queued_jobs=len(jobs) > jobs_before,
         )
         results.append(result)
         # A later duplicate in this same batch gets the same answer.
-        answers[event.delivery_id] = dataclasses.replace(result, duplicate=True)
+        answers[event.delivery_id] = dataclasses.replace(result, duplicate=True, queued_jobs=False)
 
     if superseded:
         # Core table, not the ORM entity: with a list of parameters the ORM would switch to its

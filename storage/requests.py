@@ -102,6 +102,39 @@ async def get_request(session: AsyncSession, request_id: str) -> RequestView:
     return RequestView(request, event, votes, jobs)
 
 
+async def get_decision(session: AsyncSession, request_id: str) -> dict[str, Any]:
+    """What a sync-back needs, in one query: the request's decision fields (named as in
+    `RequestView.as_json`) and the event body they are sent back for (`event`)."""
+    row = (
+        await session.execute(
+            select(
+                Request.id,
+                Request.subject,
+                Request.version,
+                Request.status,
+                Request.decided_by,
+                Request.reason,
+                Request.decided_at,
+                EventRecord.body,
+            )
+            .join(EventRecord, EventRecord.id == Request.event_id)
+            .where(Request.id == request_id)
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"no request {request_id!r}")
+    return {
+        "id": row.id,
+        "subject": row.subject,
+        "version": row.version,
+        "status": row.status,
+        "decided_by": row.decided_by,
+        "reason": row.reason,
+        "decided_at": row.decided_at.isoformat() if row.decided_at else None,
+        "event": row.body,
+    }
+
+
 async def get_status(session: AsyncSession, request_id: str) -> str | None:
     return await session.scalar(select(Request.status).where(Request.id == request_id))
 
