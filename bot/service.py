@@ -41,7 +41,6 @@ from storage.schema import ensure_schema
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Services:
     """Everything a request handler needs, built once at start-up."""

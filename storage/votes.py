@@ -17,7 +17,6 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import CursorResult, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from policies.model import Route
@@ -143,29 +142,31 @@ def cast(session: Session, ballot: Ballot, jobs: SlackJobs) -> VoteResult:
     if ballot.choice is Choice.reject and len(ballot.reason.strip()) < 3:
         raise VoteRefused(Refusal.reason_required, status=request.status)
 
-    try:
-        with session.begin_nested():
-            vote_id = session.execute(
-                table_of(Vote)
-                .insert()
-                .values(
-                    request_id=request.id,
-                    user_id=ballot.user_id,
-                    user_name=ballot.user_name,
-                    choice=ballot.choice.value,
-                    reason=ballot.reason,
-                    groups=counted,
-                    created_at=ballot.now,
-                )
-                .returning(table_of(Vote).c.id)
-            ).scalar_one()
-    except IntegrityError:
-        raise VoteRefused(Refusal.already_voted, status=request.status) from None
-
+    # The row lock makes read-then-insert safe here: no other vote on this request can commit
+    # in between. (The unique constraint stays as the last line of defence.)
     votes = session.execute(
-        select(Vote.choice, Vote.groups).where(Vote.request_id == request.id)
+        select(Vote.user_id, Vote.choice, Vote.groups).where(Vote.request_id == request.id)
     ).all()
-    tally = progress(route, [(choice, groups) for choice, groups in votes])
+    if any(user_id == ballot.user_id for user_id, _, _ in votes):
+        raise VoteRefused(Refusal.already_voted, status=request.status)
+    vote_id = session.execute(
+        table_of(Vote)
+        .insert()
+        .values(
+            request_id=request.id,
+            user_id=ballot.user_id,
+            user_name=ballot.user_name,
+            choice=ballot.choice.value,
+            reason=ballot.reason,
+            groups=counted,
+            created_at=ballot.now,
+        )
+        .returning(table_of(Vote).c.id)
+    ).scalar_one()
+    tally = progress(
+        route,
+        [(choice, groups) for _, choice, groups in votes] + [(ballot.choice.value, counted)],
+    )
     status = RequestStatus.pending
     if ballot.choice is Choice.reject:
         status = RequestStatus.rejected

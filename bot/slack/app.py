@@ -53,6 +53,18 @@ def _where(body: dict[str, Any]) -> tuple[str, str]:
     return str(channel), str(ts)
 
 
+class _WithoutTokenNotice(logging.Filter):
+    """Bolt warns "`token` will be unused" whenever SLACK_BOT_TOKEN is in the environment and a
+    client is given, which is always so here: the client carries that very token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`token` will be unused" not in record.getMessage()
+
+
+_bolt_log = logging.getLogger("signoff.slack.bolt")
+_bolt_log.addFilter(_WithoutTokenNotice())
+
+
 class SlackBot:
     def __init__(
         self,
@@ -70,6 +82,7 @@ class SlackBot:
             client=client,
             signing_secret=signing_secret,
             process_before_response=True,
+            logger=_bolt_log,
         )
         self.app.action(APPROVE)(self._on_approve)
         self.app.action(REJECT)(self._on_reject)
