@@ -99,17 +99,17 @@ async def load(
     }
 
 
-async def sink(port: int) -> web.AppRunner:
+def callback_server(port: int) -> None:
+    """The source system's callback endpoint, in its own process so that receiving callbacks
+    does not take CPU from the load generator."""
+
     async def handle(request: web.Request) -> web.Response:
         await request.read()
         return web.json_response({"ok": True})
 
     app = web.Application()
     app.router.add_post("/cb", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 @contextlib.asynccontextmanager
@@ -178,12 +178,20 @@ async def main() -> None:
         "--no-callback", action="store_true", help="events without callback_url (intake only)"
     )
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--callback-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     callback_port = free_port()
-    receiver = await sink(callback_port)
-    callback = None if args.no_callback else f"http://127.0.0.1:{callback_port}/cb"
+    receiver = subprocess.Popen([sys.executable, __file__, "--callback-server", str(callback_port)])
+    try:
+        await wait_ready(f"http://127.0.0.1:{callback_port}/", receiver)
+        await measure(args, None if args.no_callback else f"http://127.0.0.1:{callback_port}/cb")
+    finally:
+        receiver.terminate()
+        receiver.wait()
 
+
+async def measure(args: argparse.Namespace, callback: str | None) -> None:
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port)])
     try:
@@ -213,11 +221,12 @@ async def main() -> None:
             f"{'':<28} ratio to baseline: {figures['rps'] / baseline['rps']:.2f}x "
             f"throughput, {figures['p50'] / baseline['p50']:.1f}x p50 latency"
         )
-    await receiver.cleanup()
 
 
 if __name__ == "__main__":
     if "--bare-server" in sys.argv:
         bare_server(int(sys.argv[sys.argv.index("--bare-server") + 1]))
+    elif "--callback-server" in sys.argv:
+        callback_server(int(sys.argv[sys.argv.index("--callback-server") + 1]))
     else:
         asyncio.run(main())
