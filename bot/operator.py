@@ -167,5 +167,5 @@ async def backtest_stored(sessions: Sessions, path: str, out: TextIO) -> int:
         )
         stored = [(Event.model_validate(body), kind, rule) for body, kind, rule in rows]
     report = backtest(policy, stored)
-    out.write(report.render())
+    out.write(report.render() + "\n")
     return 0
