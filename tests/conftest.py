@@ -21,7 +21,8 @@ from sqlalchemy.ext.asyncio import (
 from storage.db import create_engine, sessionmaker
 from storage.schema import upgrade
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# Copies of ../shared/reference (see the README there): a checkout tests the same anywhere.
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 POSTGRES_URL = os.environ.get("SIGNOFF_TEST_POSTGRES_URL", "")
 NO_POSTGRES = (
     "PostgreSQL tests need SIGNOFF_TEST_POSTGRES_URL "
@@ -32,7 +33,7 @@ NO_POSTGRES = (
 def reference(*parts: str) -> Path:
     path = REFERENCE.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"reference material missing: {path} (tests expect ../shared/reference)")
+        pytest.fail(f"reference material missing: {path}")
     return path
 
 
