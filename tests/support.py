@@ -6,8 +6,11 @@ import asyncio
 import base64
 import json
 import socket
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,20 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 # A throwaway Standard Webhooks secret used by every test.
 SECRET = "whsec_" + base64.b64encode(b"signoff-tests-secret-0123456789ab").decode()
 POLICY = Path(__file__).parent / "fixtures" / "policy.yaml"
+
+
+def run_signoff(
+    *args: str, env: Mapping[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`signoff ARGS` as a real process with exactly `env` as its environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def free_port() -> int:

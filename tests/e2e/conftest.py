@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import POLICY, SECRET, free_port
+from tests.support import POLICY, SECRET, free_port, run_signoff
 
 API_TOKEN = "e2e-api-token-0123456789"
 
@@ -33,14 +33,7 @@ class Serve:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run `signoff ARGS` against the same database."""
-        return subprocess.run(
-            [sys.executable, "-m", "bot.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_signoff(*args, env=self.env)
 
     async def start(self) -> None:
         with self.log.open("ab") as log:

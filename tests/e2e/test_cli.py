@@ -8,18 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import POLICY, SECRET, event_body
+from tests.support import POLICY, SECRET, event_body, run_signoff
 
 
 def signoff(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bot.cli", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_signoff(*args, env={**os.environ, **(env or {})})
 
 
 def test_policy_check_reports_file_and_line(tmp_path: Path) -> None:

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+
+from tests.support import run_signoff
 
 
 def test_demo_runs_the_whole_flow() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGNOFF_", "SLACK_"))}
-    result = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "demo"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_signoff("demo", env=env, timeout=120)
     out = result.stdout
     assert result.returncode == 0, result.stderr
     assert "auto_approve by rule small-refunds, status approved" in out

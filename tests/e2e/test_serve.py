@@ -10,7 +10,7 @@ import signal
 import httpx
 
 from tests.e2e.conftest import API_TOKEN, Serve
-from tests.support import CallbackSink, event_body, free_port, sign
+from tests.support import CallbackSink, event_body, free_port, run_signoff, sign
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
@@ -110,31 +110,13 @@ async def test_long_poll_and_graceful_shutdown(serve: Serve) -> None:
 
 
 async def test_bad_settings_fail_with_one_line(serve_env: dict[str, str]) -> None:
-    import subprocess
-    import sys
-
-    env = {**serve_env, "SIGNOFF_PORT": "eighty"}
-    result = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "serve"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_signoff("serve", env={**serve_env, "SIGNOFF_PORT": "eighty"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "signoff: invalid setting SIGNOFF_PORT: Input should be a valid integer, "
         "unable to parse string as an integer"
     ]
-    env = {k: v for k, v in serve_env.items() if k != "SIGNOFF_WEBHOOK_SECRET"}
-    result = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "serve"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    without_secret = {k: v for k, v in serve_env.items() if k != "SIGNOFF_WEBHOOK_SECRET"}
+    result = run_signoff("serve", env=without_secret)
     assert result.returncode == 2
     assert "SIGNOFF_WEBHOOK_SECRET is required" in result.stderr
