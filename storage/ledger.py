@@ -77,18 +77,9 @@ class IntakeResult:
         }
 
 
-def sync_back_job(request_id: str, sync_kind: str, now: datetime) -> dict[str, Any]:
-    # One sync-back per request: the key doubles as the delivery id the far side dedupes on.
-    return job_row(
-        kind=sync_kind,
-        idempotency_key=f"sync-{request_id}",
-        payload={"request_id": request_id},
-        request_id=request_id,
-        now=now,
-    )
-
-
-def _card_job(kind: str, key: str, request_id: str, now: datetime) -> dict[str, Any]:
+def request_job(kind: str, key: str, request_id: str, now: datetime) -> dict[str, Any]:
+    """A job about one request whose handler reads the request when it runs; its idempotency
+    key is `<key>-<request id>`, so the same side effect is never queued twice."""
     return job_row(
         kind=kind,
         idempotency_key=f"{key}-{request_id}",
@@ -96,6 +87,11 @@ def _card_job(kind: str, key: str, request_id: str, now: datetime) -> dict[str, 
         request_id=request_id,
         now=now,
     )
+
+
+def sync_back_job(request_id: str, sync_kind: str, now: datetime) -> dict[str, Any]:
+    # One sync-back per request: the key doubles as the delivery id the far side dedupes on.
+    return request_job(sync_kind, "sync", request_id, now)
 
 
 def _event_audit_data(body: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +251,7 @@ def write_batch(
                 if status.is_final and intake.sync_kind:
                     jobs.append(sync_back_job(request_id, intake.sync_kind, now))
                 if not status.is_final and intake.card_kind:
-                    jobs.append(_card_job(intake.card_kind, "card", request_id, now))
+                    jobs.append(request_job(intake.card_kind, "card", request_id, now))
             if current is not None:
                 cancel = {
                     "status": RequestStatus.cancelled.value,
@@ -272,7 +268,7 @@ def write_batch(
                     if intake.card_update_kind:
                         # Its card must stop offering buttons for a version that is gone.
                         jobs.append(
-                            _card_job(intake.card_update_kind, "card-superseded", current[0], now)
+                            request_job(intake.card_update_kind, "card-superseded", current[0], now)
                         )
                 entries.append(
                     AuditEntry(

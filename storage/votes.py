@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from policies.model import Route
 from storage.audit import AuditEntry, append_sync
 from storage.errors import StorageError
-from storage.ledger import sync_back_job
+from storage.ledger import request_job, sync_back_job
 from storage.models import EventRecord, Request, RequestStatus, Vote, table_of
 from storage.outbox import insert_jobs, job_row
 
@@ -237,24 +237,11 @@ def cast(session: Session, ballot: Ballot, jobs: SlackJobs) -> VoteResult:
         if request.sync_kind:
             new_jobs.append(sync_back_job(request.id, request.sync_kind, ballot.now))
         if jobs.dm_outcome and event.body.get("actor"):
-            new_jobs.append(
-                job_row(
-                    kind=jobs.dm_outcome,
-                    idempotency_key=f"dm-outcome-{request.id}",
-                    payload={"request_id": request.id},
-                    request_id=request.id,
-                    now=ballot.now,
-                )
-            )
+            new_jobs.append(request_job(jobs.dm_outcome, "dm-outcome", request.id, ballot.now))
     if jobs.update_card:
+        # One update per vote: each renders the card as it stands when it runs.
         new_jobs.append(
-            job_row(
-                kind=jobs.update_card,
-                idempotency_key=f"card-update-{request.id}-vote-{vote_id}",
-                payload={"request_id": request.id},
-                request_id=request.id,
-                now=ballot.now,
-            )
+            request_job(jobs.update_card, f"card-update-vote-{vote_id}", request.id, ballot.now)
         )
     insert_jobs(session, new_jobs)
     append_sync(session, entries)
