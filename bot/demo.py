@@ -31,8 +31,9 @@ from slack_sdk.signature import SignatureVerifier
 from bot.http import build_app
 from bot.service import Services
 from bot.settings import load_settings
-from bot.slack.cards import Card, button_value, render_text
+from bot.slack.cards import Card, button_value
 from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn
+from bot.slack.terminal import render_text
 from connectors.webhook.signature import StandardWebhooks
 from storage import audit
 from storage.requests import get_request

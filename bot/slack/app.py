@@ -20,19 +20,23 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.slack.cards import build_details_modal, build_reject_modal, parse_button_value
+from bot.slack.cards import APPROVE_ACTION, DETAILS_ACTION, REJECT_ACTION, parse_button_value
 from bot.slack.clicks import Click, ClickService
 from bot.slack.client import SlackFailure
+from bot.slack.modals import (
+    REASON_ACTION,
+    REASON_BLOCK,
+    REASON_MIN,
+    REJECT_CALLBACK,
+    build_details_modal,
+    build_reject_modal,
+)
 from storage.errors import NotFound
 from storage.requests import get_request
 from storage.votes import Choice, Refusal
 
 log = logging.getLogger(__name__)
 
-APPROVE = "signoff_approve"
-REJECT = "signoff_reject"
-DETAILS = "signoff_details"
-REJECT_MODAL = "signoff_reject_reason"
 
 HELP = (
     "*Signoff* posts approval cards; approve or reject on the card itself.\n"
@@ -84,10 +88,10 @@ class SlackBot:
             process_before_response=True,
             logger=_bolt_log,
         )
-        self.app.action(APPROVE)(self._on_approve)
-        self.app.action(REJECT)(self._on_reject)
-        self.app.action(DETAILS)(self._on_details)
-        self.app.view(REJECT_MODAL)(self._on_reject_reason)
+        self.app.action(APPROVE_ACTION)(self._on_approve)
+        self.app.action(REJECT_ACTION)(self._on_reject)
+        self.app.action(DETAILS_ACTION)(self._on_details)
+        self.app.view(REJECT_CALLBACK)(self._on_reject_reason)
         self.app.command("/signoff")(self._on_command)
         self.app.event("app_uninstalled")(self._on_uninstalled)
         self.app.event("tokens_revoked")(self._on_uninstalled)
@@ -178,12 +182,16 @@ class SlackBot:
         try:
             meta = json.loads(view.get("private_metadata") or "{}")
         except ValueError:
-            meta = {}
+            meta = None
+        if not isinstance(meta, dict):
+            meta = {}  # not ours: the vote below is refused as not found
         reason = (
-            ((view.get("state") or {}).get("values") or {}).get("reason", {}).get("reason", {})
+            ((view.get("state") or {}).get("values") or {})
+            .get(REASON_BLOCK, {})
+            .get(REASON_ACTION, {})
         ).get("value") or ""
-        if len(reason.strip()) < 3:
-            await ack(response_action="errors", errors={"reason": "Say why, in a few words."})
+        if len(reason.strip()) < REASON_MIN:
+            await ack(response_action="errors", errors={REASON_BLOCK: "Say why, in a few words."})
             return
         user_id, user_name = _user(body)
         click = Click(
@@ -196,7 +204,7 @@ class SlackBot:
         )
         outcome = await self._clicks.vote(click)
         if isinstance(outcome, Refusal):
-            await ack(response_action="errors", errors={"reason": f"{outcome.value}."})
+            await ack(response_action="errors", errors={REASON_BLOCK: f"{outcome.value}."})
             return
         await ack()
 

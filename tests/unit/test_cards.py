@@ -20,18 +20,15 @@ from bot.slack.cards import (
     APPROVE_ACTION,
     DETAILS_ACTION,
     REJECT_ACTION,
-    REJECT_CALLBACK,
     Card,
     build_card,
-    build_details_modal,
-    build_reject_modal,
-    escape_mrkdwn,
     outcome_dm,
     parse_button_value,
-    render_text,
     vote_reply_text,
 )
-from bot.slack.mrkdwn import cut_mrkdwn, link, to_plain
+from bot.slack.modals import REJECT_CALLBACK, build_details_modal, build_reject_modal
+from bot.slack.mrkdwn import cut_mrkdwn, escape_mrkdwn, link, to_plain
+from bot.slack.terminal import render_text
 from connectors.events import Event
 from connectors.redaction import MASK
 from policies.gateway import Policy
