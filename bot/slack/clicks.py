@@ -6,7 +6,7 @@ Listeners call this and nothing else, so authorization and auditing are not copi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,23 @@ class Click:
     user_name: str
     choice: Choice
     reason: str = ""
+
+    def ballot(
+        self, groups: Sequence[str] = (), *, is_actor: bool = False, in_actor_team: bool = False
+    ) -> Ballot:
+        """This click as storage judges it, with what the directory knows of the clicker."""
+        return Ballot(
+            request_id=self.request_id,
+            version=self.version,
+            user_id=self.user_id,
+            user_name=self.user_name,
+            choice=self.choice,
+            reason=self.reason,
+            groups=groups,
+            is_actor=is_actor,
+            in_actor_team=in_actor_team,
+            now=datetime.now(UTC),
+        )
 
 
 @dataclass(frozen=True)
@@ -100,18 +117,7 @@ class ClickService:
         if "actor_team" in route.forbid and target.actor_team:
             # The actor's team is the Slack user group whose handle is the team's name.
             in_team = await self._directory.in_group(click.user_id, target.actor_team)
-        return Ballot(
-            request_id=click.request_id,
-            version=click.version,
-            user_id=click.user_id,
-            user_name=click.user_name,
-            choice=click.choice,
-            reason=click.reason,
-            groups=groups,
-            is_actor=is_actor,
-            in_actor_team=in_team,
-            now=datetime.now(UTC),
-        )
+        return click.ballot(groups, is_actor=is_actor, in_actor_team=in_team)
 
     async def precheck(self, click: Click) -> Refusal | None:
         """Would this click be refused? Used before opening the reject modal, so nobody types
@@ -153,14 +159,5 @@ class ClickService:
         return result
 
     async def _audit_refusal(self, click: Click, ballot: Ballot | None, refusal: Refusal) -> None:
-        ballot = ballot or Ballot(
-            request_id=click.request_id,
-            version=click.version,
-            user_id=click.user_id,
-            user_name=click.user_name,
-            choice=click.choice,
-            reason=click.reason,
-            groups=[],
-        )
-        entry = _refusal_entry(ballot, refusal)
+        entry = _refusal_entry(ballot or click.ballot(), refusal)
         await self._runner.run(lambda session: append_sync(session, [entry]))
