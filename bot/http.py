@@ -3,6 +3,7 @@ and map Signoff's errors to status codes in one middleware, so no input can prod
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -15,6 +16,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from bot.service import Services
+from connectors.base import Connector, Delivery
 from connectors.errors import InboundError, PayloadTooLarge
 from connectors.redaction import redact_text
 from connectors.webhook import intake as webhook
@@ -71,24 +73,71 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
 
 
 async def post_event(request: web.Request) -> web.Response:
+    """`POST /v1/events`: one event, answered with its request (DESIGN.md, wire formats)."""
     services = request.app[SERVICES]
-    try:
-        body = await read_limited(request, services.settings.max_body_bytes)
-        event = webhook.receive(body, request.headers, verifier=services.verifier)
-    except InboundError as exc:
-        await _audit_refusal(services, request, exc)
-        raise
+    delivery = await _receive(request, services.webhook)
+    [event] = delivery.events
     decision = services.policy.decide(event)
-    result = await services.batcher.submit(services.intake(event, decision))
+    result = await services.batcher.submit(services.intake(event, decision, services.webhook))
     return web.json_response(result.as_json(), status=202)
 
 
-async def _audit_refusal(services: Services, request: web.Request, exc: InboundError) -> None:
+def hook_handler(connector: Connector) -> Handler:
+    """`POST /hooks/<name>`: a source system's own delivery format, through its connector."""
+
+    async def post_hook(request: web.Request) -> web.Response:
+        services = request.app[SERVICES]
+        delivery = await _receive(request, connector)
+        if delivery.reply is not None:
+            return web.json_response(dict(delivery.reply))
+        if delivery.ignored:
+            log.info("%s: ignored a delivery: %s", connector.name, delivery.ignored)
+            return web.json_response({"ignored": delivery.ignored})
+        # Queued in delivery order: a batch applies them in that order.
+        accepted = [
+            services.batcher.submit(
+                services.intake(event, services.policy.decide(event), connector)
+            )
+            for event in delivery.events
+        ]
+        cancelled = [
+            services.batcher.cancel(services.cancel(item)) for item in delivery.cancellations
+        ]
+        results = await asyncio.gather(*accepted)
+        cancels = await asyncio.gather(*cancelled)
+        return web.json_response(
+            {
+                "requests": [result.as_json() for result in results],
+                "cancelled": [c.request_id for c in cancels if c.request_id is not None],
+            },
+            status=202,
+        )
+
+    return post_hook
+
+
+async def _receive(request: web.Request, connector: Connector) -> Delivery:
+    """Read, verify and parse a delivery; a refusal is audited, then answered."""
+    services = request.app[SERVICES]
+    try:
+        body = await read_limited(request, services.settings.max_body_bytes)
+        return await connector.receive(body=body, headers=request.headers)
+    except InboundError as exc:
+        await _audit_refusal(services, request, exc, source=connector.name)
+        raise
+
+
+async def _audit_refusal(
+    services: Services, request: web.Request, exc: InboundError, *, source: str
+) -> None:
+    delivery_id = (
+        request.headers.get("webhook-id") or request.headers.get("X-GitHub-Delivery") or ""
+    )
     refusal = Refusal(
-        source=webhook.NAME,
+        source=source,
         reason=exc.reason,
         detail=str(exc),
-        delivery_id=request.headers.get("webhook-id", "")[:256] or None,
+        delivery_id=delivery_id[:256] or None,
         remote=request.remote,
     )
     try:
@@ -159,6 +208,9 @@ def build_app(services: Services) -> web.Application:
     app.router.add_get("/v1/requests/{id}", get_request_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    for name, connector in services.connectors.items():
+        if name != webhook.NAME:  # the generic connector has its own route, above
+            app.router.add_post(f"/hooks/{name}", hook_handler(connector))
     if services.slack is not None:
         app.router.add_post("/slack/events", services.slack.handle)
     return app

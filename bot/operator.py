@@ -111,6 +111,8 @@ async def show_request_command(
         line = (
             f"    {job['job_id']} {job['kind']} {job['status']} after {job['attempts']} attempt(s)"
         )
+        if job["result"]:
+            line += ", got " + ", ".join(f"{k}={v}" for k, v in sorted(job["result"].items()))
         if job["last_error"]:
             line += f", last error: {job['last_error']}"
         if job["status"] == JobStatus.dead.value:

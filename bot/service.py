@@ -16,25 +16,27 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from bot.connectors import build_connectors
 from bot.settings import Settings
 from bot.slack import jobs as slack_jobs
 from bot.slack.app import SlackBot
 from bot.slack.clicks import ClickService
 from bot.slack.client import make_client
 from bot.slack.directory import Directory, load_user_map
-from bot.sync import WebhookCallback
+from bot.sync import SyncBack
 from bot.worker import Handler, OutboxWorker
+from connectors.base import Cancellation, Connector
 from connectors.events import Event
 from connectors.redaction import redact_text
 from connectors.webhook import intake as webhook
-from connectors.webhook.signature import StandardWebhooks
+from connectors.webhook.connector import WebhookConnector
 from policies.gateway import Policy
 from policies.loader import load_policy
 from policies.model import Decision
 from storage.batcher import WriteBatcher
 from storage.db import TransactionRunner, create_engine, sessionmaker
 from storage.errors import DatabaseUnavailable
-from storage.ledger import Intake, IntakeResult
+from storage.ledger import Cancel, CancelResult, Intake, IntakeResult
 from storage.requests import StatusWatch
 from storage.schema import ensure_schema
 
@@ -49,7 +51,7 @@ class Services:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     policy: Policy
-    verifier: StandardWebhooks
+    connectors: dict[str, Connector]
     batcher: WriteBatcher
     runner: TransactionRunner
     watch: StatusWatch
@@ -60,15 +62,25 @@ class Services:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _worker_task: asyncio.Task[None] | None = None
 
-    def intake(self, event: Event, decision: Decision) -> Intake:
-        """The ledger entry for an accepted event, with the side effects it must queue."""
+    @property
+    def webhook(self) -> WebhookConnector:
+        connector = self.connectors[webhook.NAME]
+        assert isinstance(connector, WebhookConnector)
+        return connector
+
+    def intake(self, event: Event, decision: Decision, connector: Connector) -> Intake:
+        """The ledger entry for an accepted event, with the side effects it must queue. An
+        event without sync-back data (no callback_url) asks for no answer."""
         return Intake(
             event,
             decision,
-            sync_kind=webhook.SYNC_KIND if event.sync else None,
+            sync_kind=connector.sync_kind if event.sync else None,
             card_kind=slack_jobs.POST_CARD if self.slack else None,
             card_update_kind=slack_jobs.UPDATE_CARD if self.slack else None,
         )
+
+    def cancel(self, cancellation: Cancellation) -> Cancel:
+        return Cancel(cancellation, card_update_kind=slack_jobs.UPDATE_CARD if self.slack else None)
 
     @classmethod
     async def start(cls, settings: Settings) -> Services:
@@ -87,10 +99,6 @@ class Services:
             reason = redact_text(str(getattr(exc, "orig", exc)).splitlines()[0])
             raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
         sessions = sessionmaker(engine)
-        verifier = StandardWebhooks(
-            settings.webhook_secret.get_secret_value(),
-            tolerance_seconds=settings.webhook_tolerance,
-        )
         watch = StatusWatch()
         http = httpx.AsyncClient(
             timeout=settings.callback_timeout,
@@ -98,13 +106,11 @@ class Services:
             headers={"user-agent": "Signoff/0.1"},
         )
         runner = TransactionRunner(engine)
+        connectors = build_connectors(settings, http)
         handlers: dict[str, Handler] = {
-            webhook.SYNC_KIND: WebhookCallback(
-                sessions,
-                http,
-                secret=settings.webhook_secret.get_secret_value(),
-                timeout=settings.callback_timeout,
-            ),
+            connector.sync_kind: SyncBack(sessions, connector)
+            for connector in connectors.values()
+            if connector.sync_kind is not None
         }
         slack = None
         if settings.slack_bot_token is not None:
@@ -123,7 +129,7 @@ class Services:
             watch.notify([request_id])
             worker.wake()
 
-        def committed(results: Sequence[IntakeResult]) -> None:
+        def committed(results: Sequence[IntakeResult | CancelResult]) -> None:
             watch.notify([result.request_id for result in results])
             if any(result.queued_jobs for result in results):
                 worker.wake()
@@ -135,7 +141,7 @@ class Services:
             engine=engine,
             sessions=sessions,
             policy=policy,
-            verifier=verifier,
+            connectors=connectors,
             batcher=batcher,
             runner=runner,
             watch=watch,

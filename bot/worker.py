@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.retry import retry_delay
+from connectors.base import SyncReceipt
 from connectors.errors import RetryableSyncError, TerminalSyncError
 from storage.db import TransactionRunner
 from storage.outbox import (
@@ -39,10 +40,10 @@ logger = logging.getLogger(__name__)
 
 
 class Handler(Protocol):
-    """Performs one job's side effect. Returning means done; raise RetryableSyncError or
-    TerminalSyncError to say how it failed."""
+    """Performs one job's side effect. Returning means done (with a receipt worth keeping, or
+    None); raise RetryableSyncError or TerminalSyncError to say how it failed."""
 
-    async def __call__(self, *, job: ClaimedJob) -> None: ...
+    async def __call__(self, *, job: ClaimedJob) -> SyncReceipt | None: ...
 
 
 def _utcnow() -> datetime:
@@ -61,6 +62,7 @@ class _Outcome:
     kind: Literal["done", "retry", "dead"]
     error: str = ""
     retry_after: float | None = None
+    receipt: SyncReceipt | None = None
 
 
 class _OutcomeWriter:
@@ -273,7 +275,7 @@ class OutboxWorker:
                 "dead", f"no handler for outbox job kind {job.kind!r} (known kinds: {known})"
             )
         try:
-            await handler(job=job)
+            receipt = await handler(job=job)
         except RetryableSyncError as exc:
             return _Outcome("retry", str(exc), exc.retry_after)
         except TerminalSyncError as exc:
@@ -286,7 +288,7 @@ class OutboxWorker:
                 "outbox job %s (%s, attempt %d) failed unexpectedly", job.id, job.kind, job.attempts
             )
             return _Outcome("retry", f"unexpected {type(exc).__name__} in handler: {exc}")
-        return _Outcome("done")
+        return _Outcome("done", receipt=receipt)
 
     async def _write_outcomes(self, outcomes: list[Outcome]) -> list[bool]:
         now = self._clock()
@@ -300,7 +302,13 @@ class OutboxWorker:
     async def _record(self, job: ClaimedJob, outcome: _Outcome) -> None:
         now = self._clock()
         if outcome.kind == "done":
-            stored = Outcome.done(job, now=now)
+            receipt = outcome.receipt
+            stored = Outcome.done(
+                job,
+                now=now,
+                detail=receipt.detail if receipt else "",
+                result=dict(receipt.refs) if receipt and receipt.refs else None,
+            )
         elif outcome.kind == "retry" and job.attempts < self._max_attempts:
             delay = retry_delay(
                 job.attempts,

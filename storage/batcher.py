@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 
 from storage import ledger
 from storage.db import TransactionRunner
-from storage.ledger import Intake, IntakeResult, Refusal
+from storage.ledger import Cancel, CancelResult, Intake, IntakeResult, Refusal
 
 log = logging.getLogger(__name__)
 
 _LINGER_PASSES = 8
 
-_Item = tuple[Intake | Refusal, "asyncio.Future[IntakeResult | None]"]
+_Result = IntakeResult | CancelResult
+_Item = tuple[Intake | Cancel | Refusal, "asyncio.Future[_Result | None]"]
 
 
 class WriteBatcher:
@@ -30,7 +31,7 @@ class WriteBatcher:
         runner: TransactionRunner,
         *,
         max_batch: int = 500,
-        on_commit: Callable[[Sequence[IntakeResult]], None] | None = None,
+        on_commit: Callable[[Sequence[_Result]], None] | None = None,
     ) -> None:
         self._runner = runner
         self._max_batch = max_batch
@@ -54,16 +55,21 @@ class WriteBatcher:
 
     async def submit(self, item: Intake) -> IntakeResult:
         result = await self._enqueue(item)
-        assert result is not None
+        assert isinstance(result, IntakeResult)
+        return result
+
+    async def cancel(self, item: Cancel) -> CancelResult:
+        result = await self._enqueue(item)
+        assert isinstance(result, CancelResult)
         return result
 
     async def refuse(self, refusal: Refusal) -> None:
         await self._enqueue(refusal)
 
-    async def _enqueue(self, item: Intake | Refusal) -> IntakeResult | None:
+    async def _enqueue(self, item: Intake | Cancel | Refusal) -> _Result | None:
         if self._task is None:
             raise RuntimeError("WriteBatcher.start() was not called")
-        future: asyncio.Future[IntakeResult | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Result | None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
         return await future
 
@@ -95,7 +101,7 @@ class WriteBatcher:
             await asyncio.sleep(0)
 
     async def _write(self, batch: list[_Item]) -> None:
-        intakes = [(item, fut) for item, fut in batch if isinstance(item, Intake)]
+        intakes = [(item, fut) for item, fut in batch if not isinstance(item, Refusal)]
         refusals = [(item, fut) for item, fut in batch if isinstance(item, Refusal)]
         try:
             results = await ledger.record(

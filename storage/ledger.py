@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from connectors.base import Cancellation
 from connectors.events import Event
 from connectors.redaction import redact_url
 from policies.model import Decision, DecisionKind
@@ -44,6 +45,21 @@ class Intake:
     # no chat configured).
     card_kind: str | None = None
     card_update_kind: str | None = None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The source withdrew a subject (a resolved alert): cancel its pending request, if any."""
+
+    cancellation: Cancellation
+    # Outbox job kind that updates the card to say so (None: no chat configured).
+    card_update_kind: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    request_id: str | None  # the request cancelled, None if nothing was pending
+    queued_jobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,12 +202,20 @@ def _pending_by_subject(
     return {(r.source, r.subject): (r.id, r.version) for r in rows}
 
 
+def _subject(item: Intake | Cancel) -> tuple[str, str]:
+    if isinstance(item, Cancel):
+        return (item.cancellation.source, item.cancellation.subject)
+    return (item.event.source, item.event.subject)
+
+
 def write_batch(
-    session: Session, intakes: Sequence[Intake], refusals: Sequence[Refusal]
-) -> list[IntakeResult]:
+    session: Session, items: Sequence[Intake | Cancel], refusals: Sequence[Refusal]
+) -> list[IntakeResult | CancelResult]:
+    """Items are applied in order, so "firing, then resolved" in one batch ends cancelled."""
     now = datetime.now(UTC)
+    intakes = [item for item in items if isinstance(item, Intake)]
     answers = _existing_answers(session, [i.event.delivery_id for i in intakes])
-    pending = _pending_by_subject(session, {(i.event.source, i.event.subject) for i in intakes})
+    pending = _pending_by_subject(session, {_subject(item) for item in items})
     events: list[dict[str, Any]] = []
     requests: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
@@ -211,8 +235,11 @@ def write_batch(
         for refusal in refusals
     ]
     new_requests: dict[str, dict[str, Any]] = {}
-    results: list[IntakeResult] = []
-    for intake in intakes:
+    results: list[IntakeResult | CancelResult] = []
+    for intake in items:
+        if isinstance(intake, Cancel):
+            results.append(_cancel(intake, pending, new_requests, superseded, jobs, entries, now))
+            continue
         event, decision = intake.event, intake.decision
         known = answers.get(event.delivery_id)
         if known is not None:
@@ -352,11 +379,51 @@ def write_batch(
     return results
 
 
+def _cancel(
+    item: Cancel,
+    pending: dict[tuple[str, str], tuple[str, str]],
+    new_requests: dict[str, dict[str, Any]],
+    superseded: list[dict[str, Any]],
+    jobs: list[dict[str, Any]],
+    entries: list[AuditEntry],
+    now: datetime,
+) -> CancelResult:
+    cancellation = item.cancellation
+    current = pending.pop(_subject(item), None)
+    if current is None:
+        return CancelResult(None)  # nothing pending (already decided, or never routed)
+    request_id = current[0]
+    cancel = {
+        "status": RequestStatus.cancelled.value,
+        "superseded_by": None,
+        "reason": cancellation.reason,
+        "decided_at": now,
+    }
+    queued = False
+    if request_id in new_requests:  # created earlier in this very batch
+        new_requests[request_id].update(cancel)
+    else:
+        superseded.append({f"b_{k}": v for k, v in cancel.items()} | {"b_id": request_id})
+        if item.card_update_kind:
+            jobs.append(request_job(item.card_update_kind, "card-cancelled", request_id, now))
+            queued = True
+    entries.append(
+        AuditEntry(
+            kind="request.cancelled",
+            actor=f"source:{cancellation.source}",
+            data={"reason": cancellation.reason, "delivery_id": cancellation.delivery_id},
+            request_id=request_id,
+            at=now,
+        )
+    )
+    return CancelResult(request_id, queued_jobs=queued)
+
+
 async def record(
     runner: TransactionRunner,
-    intakes: Sequence[Intake],
+    intakes: Sequence[Intake | Cancel],
     refusals: Sequence[Refusal] = (),
-) -> list[IntakeResult]:
+) -> list[IntakeResult | CancelResult]:
     """Write a batch in one transaction. Results are in the order of `intakes`.
 
     If another replica wrote a conflicting row meanwhile (same delivery id, or a pending request
@@ -371,7 +438,7 @@ async def record(
             return await runner.run(lambda session: write_batch(session, intakes, refusals))
     if refusals:
         await runner.run(lambda session: write_batch(session, (), refusals))
-    results: list[IntakeResult] = []
+    results: list[IntakeResult | CancelResult] = []
     for intake in intakes:
         results.extend(await record(runner, [intake]))
     return results

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -159,6 +160,8 @@ class Vote(Base):
     choice: Mapped[str] = mapped_column(String(10))  # approve | reject
     reason: Mapped[str] = mapped_column(Text, default="")
     groups: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    # What the voter picked beyond yes or no, e.g. {"silence": "4h"} on an alert.
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     # One vote per person per request, enforced by the database, not by a read-then-write.
@@ -219,5 +222,22 @@ class OutboxJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # What a finished sync-back got back from the source (connectors.base.SyncReceipt).
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
     __table_args__ = (Index("ix_outbox_jobs_due", "status", "next_attempt_at"),)
+
+
+class AnomalyBaseline(Base):
+    """A rolling baseline of one numeric field, per (source, kind, key): see policies.anomaly."""
+
+    __tablename__ = "anomaly_baselines"
+
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    field: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    mean: Mapped[float] = mapped_column(Float)
+    variance: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -90,6 +90,8 @@ class JobView:
     created_at: datetime
     updated_at: datetime
     done_at: datetime | None
+    # What the far side handed back on success (a silence id...).
+    result: dict[str, Any] | None = None
 
 
 def _view(job: OutboxJob) -> JobView:
@@ -107,6 +109,7 @@ def _view(job: OutboxJob) -> JobView:
         created_at=job.created_at,
         updated_at=job.updated_at,
         done_at=job.done_at,
+        result=job.result,
     )
 
 
@@ -269,15 +272,22 @@ class Outcome:
     audit_data: dict[str, Any]
 
     @classmethod
-    def done(cls, job: ClaimedJob, *, now: datetime, detail: str = "") -> Outcome:
+    def done(
+        cls,
+        job: ClaimedJob,
+        *,
+        now: datetime,
+        detail: str = "",
+        result: dict[str, str] | None = None,
+    ) -> Outcome:
         # `last_error` is kept: "delivered on attempt 3" is more useful next to why 1 and 2
-        # failed.
-        return cls(
-            job,
-            {"status": JobStatus.done.value, "done_at": now},
-            "sync.delivered",
-            {"detail": clean_error(detail)} if detail else {},
-        )
+        # failed. `result` is what the far side handed back (a silence id...).
+        data: dict[str, Any] = {"detail": clean_error(detail)} if detail else {}
+        values: dict[str, Any] = {"status": JobStatus.done.value, "done_at": now}
+        if result:
+            values["result"] = result
+            data["result"] = result
+        return cls(job, values, "sync.delivered", data)
 
     @classmethod
     def retry(cls, job: ClaimedJob, *, error: str, next_attempt_at: datetime) -> Outcome:

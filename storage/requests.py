@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from connectors.base import FinalDecision, Voter
 from storage import audit
 from storage.audit import AuditEntry
 from storage.errors import InvalidTransition, NotFound
@@ -55,6 +56,7 @@ class RequestView:
                     "user_name": v.user_name,
                     "choice": v.choice,
                     "reason": v.reason,
+                    "params": v.params or {},
                     "at": v.created_at.isoformat(),
                 }
                 for v in self.votes
@@ -70,6 +72,7 @@ class RequestView:
                     "attempts": j.attempts,
                     "next_attempt_at": j.next_attempt_at.isoformat(),
                     "last_error": j.last_error,
+                    "result": j.result or {},
                 }
                 for j in self.jobs
             ],
@@ -102,9 +105,10 @@ async def get_request(session: AsyncSession, request_id: str) -> RequestView:
     return RequestView(request, event, votes, jobs)
 
 
-async def get_decision(session: AsyncSession, request_id: str) -> dict[str, Any]:
-    """What a sync-back needs, in one query: the request's decision fields (named as in
-    `RequestView.as_json`) and the event body they are sent back for (`event`)."""
+async def get_decision(
+    session: AsyncSession, request_id: str, *, idempotency_key: str
+) -> FinalDecision:
+    """What a sync-back needs: the request's decision, its votes and the event it was for."""
     row = (
         await session.execute(
             select(
@@ -123,16 +127,34 @@ async def get_decision(session: AsyncSession, request_id: str) -> dict[str, Any]
     ).one_or_none()
     if row is None:
         raise NotFound(f"no request {request_id!r}")
-    return {
-        "id": row.id,
-        "subject": row.subject,
-        "version": row.version,
-        "status": row.status,
-        "decided_by": row.decided_by,
-        "reason": row.reason,
-        "decided_at": row.decided_at.isoformat() if row.decided_at else None,
-        "event": row.body,
-    }
+    votes = (
+        await session.execute(
+            select(Vote.user_id, Vote.user_name, Vote.choice, Vote.reason, Vote.params)
+            .where(Vote.request_id == request_id)
+            .order_by(Vote.id)
+        )
+    ).all()
+    return FinalDecision(
+        request_id=row.id,
+        subject=row.subject,
+        version=row.version,
+        status=row.status,
+        decided_by=row.decided_by or [],
+        reason=row.reason or "",
+        decided_at=row.decided_at,
+        event=row.body,
+        votes=[
+            Voter(
+                id=v.user_id,
+                name=v.user_name,
+                choice=v.choice,
+                reason=v.reason,
+                params=v.params or {},
+            )
+            for v in votes
+        ],
+        idempotency_key=idempotency_key,
+    )
 
 
 async def get_status(session: AsyncSession, request_id: str) -> str | None:

@@ -50,8 +50,9 @@ async def main():
     s = await Services.start(load_settings(SIGNOFF_DATABASE_URL={env["SIGNOFF_DATABASE_URL"]!r},
         SIGNOFF_POLICY_PATH={str(POLICY)!r}, SIGNOFF_WEBHOOK_SECRET={SECRET!r}))
     for amount in (100, 9000):
-        event = receive(*sign(event_body(attributes={{"amount": amount}})), verifier=s.verifier)
-        await s.batcher.submit(s.intake(event, s.policy.decide(event)))
+        event = receive(*sign(event_body(attributes={{"amount": amount}})),
+                        verifier=s.webhook.verifier)
+        await s.batcher.submit(s.intake(event, s.policy.decide(event), s.webhook))
     await s.close()
 asyncio.run(main())
 """

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from bot.worker import OutboxWorker
+from connectors.base import FinalDecision, Voter
 from connectors.errors import RetryableSyncError, TerminalSyncError
 from connectors.webhook.callback import callback_payload, deliver_callback
 from storage import audit
@@ -387,17 +388,18 @@ async def test_redirect_and_bad_url_are_terminal(http, receiver):
 
 
 def test_callback_payload_is_the_documented_wire_format():
-    request = {
-        "id": "r_1",
-        "subject": "refund/re_123",
-        "version": "2",
-        "status": "rejected",
-        "decided_by": [{"id": "U1", "name": "Dana", "email": "dana@example.com"}],
-        "reason": "too big",
-        "decided_at": "2025-03-01T12:00:00+00:00",
-        "votes": [{"user_id": "U1"}],
-        "trace": ["rule big-refunds matched"],
-    }
+    request = FinalDecision(
+        request_id="r_1",
+        subject="refund/re_123",
+        version="2",
+        status="rejected",
+        decided_by=[{"id": "U1", "name": "Dana", "email": "dana@example.com"}],
+        reason="too big",
+        decided_at=datetime(2025, 3, 1, 12, tzinfo=UTC),
+        event={"callback_url": "http://127.0.0.1:9/x", "title": "Refund"},
+        votes=[Voter(id="U1", name="Dana", choice="reject", reason="too big")],
+        idempotency_key="sync-r_1",
+    )
     assert callback_payload(request) == {
         "request_id": "r_1",
         "subject": "refund/re_123",
