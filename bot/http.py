@@ -77,8 +77,7 @@ async def post_event(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     delivery = await _receive(request, services.webhook)
     [event] = delivery.events
-    decision = services.policy.decide(event)
-    result = await services.batcher.submit(services.intake(event, decision, services.webhook))
+    result = await services.batcher.submit(await services.assess(event, services.webhook))
     return web.json_response(result.as_json(), status=202)
 
 
@@ -94,12 +93,8 @@ def hook_handler(connector: Connector) -> Handler:
             log.info("%s: ignored a delivery: %s", connector.name, delivery.ignored)
             return web.json_response({"ignored": delivery.ignored})
         # Queued in delivery order: a batch applies them in that order.
-        accepted = [
-            services.batcher.submit(
-                services.intake(event, services.policy.decide(event), connector)
-            )
-            for event in delivery.events
-        ]
+        intakes = [await services.assess(event, connector) for event in delivery.events]
+        accepted = [services.batcher.submit(intake) for intake in intakes]
         cancelled = [
             services.batcher.cancel(services.cancel(item)) for item in delivery.cancellations
         ]

@@ -30,9 +30,11 @@ from connectors.events import Event
 from connectors.redaction import redact_text
 from connectors.webhook import intake as webhook
 from connectors.webhook.connector import WebhookConnector
+from policies.anomaly import Measurement, anomaly_of
 from policies.gateway import Policy
 from policies.loader import load_policy
 from policies.model import Decision
+from storage.baselines import Baselines
 from storage.batcher import WriteBatcher
 from storage.db import TransactionRunner, create_engine, sessionmaker
 from storage.errors import DatabaseUnavailable
@@ -51,6 +53,7 @@ class Services:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     policy: Policy
+    baselines: Baselines
     connectors: dict[str, Connector]
     batcher: WriteBatcher
     runner: TransactionRunner
@@ -68,7 +71,22 @@ class Services:
         assert isinstance(connector, WebhookConnector)
         return connector
 
-    def intake(self, event: Event, decision: Decision, connector: Connector) -> Intake:
+    async def assess(self, event: Event, connector: Connector) -> Intake:
+        """Score the event against its anomaly baseline (if the policy keeps one for it), then
+        decide. A gateway score replaces one the connector attached."""
+        measurement = self.policy.measure(event)
+        if measurement is not None:
+            state = await self.baselines.current(measurement.baseline)
+            event = event.model_copy(update={"anomaly": anomaly_of(state, measurement)})
+        return self.intake(event, self.policy.decide(event), connector, measurement)
+
+    def intake(
+        self,
+        event: Event,
+        decision: Decision,
+        connector: Connector,
+        measurement: Measurement | None = None,
+    ) -> Intake:
         """The ledger entry for an accepted event, with the side effects it must queue. An
         event without sync-back data (no callback_url) asks for no answer."""
         return Intake(
@@ -77,6 +95,7 @@ class Services:
             sync_kind=connector.sync_kind if event.sync else None,
             card_kind=slack_jobs.POST_CARD if self.slack else None,
             card_update_kind=slack_jobs.UPDATE_CARD if self.slack else None,
+            measurement=measurement,
         )
 
     def cancel(self, cancellation: Cancellation) -> Cancel:
@@ -99,6 +118,7 @@ class Services:
             reason = redact_text(str(getattr(exc, "orig", exc)).splitlines()[0])
             raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
         sessions = sessionmaker(engine)
+        baselines = Baselines(sessions)
         watch = StatusWatch()
         http = httpx.AsyncClient(
             timeout=settings.callback_timeout,
@@ -131,6 +151,9 @@ class Services:
 
         def committed(results: Sequence[IntakeResult | CancelResult]) -> None:
             watch.notify([result.request_id for result in results])
+            for result in results:
+                if isinstance(result, IntakeResult) and result.learned:
+                    baselines.learned(result.learned)
             if any(result.queued_jobs for result in results):
                 worker.wake()
 
@@ -141,6 +164,7 @@ class Services:
             engine=engine,
             sessions=sessions,
             policy=policy,
+            baselines=baselines,
             connectors=connectors,
             batcher=batcher,
             runner=runner,

@@ -62,8 +62,11 @@ class Anomaly(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    score: float
+    # None while a gateway baseline is too young to judge (see policies.anomaly).
+    score: float | None = None
     baseline: float | None = None
+    # How many observations the baseline has seen (None: the connector scored it itself).
+    samples: int | None = None
     detail: Annotated[str, StringConstraints(max_length=512)] = ""
 
 
@@ -130,12 +133,19 @@ class Event(EventBody):
             "risk": self.risk.value,
             "attributes": self.attributes,
             "context": {field.label: field.value for field in self.context},
+            # Only what is known: `event.anomaly.score` on a young baseline is an error (the
+            # gateway fails closed), never a made-up 0.
             "anomaly": (
                 {}
                 if self.anomaly is None
                 else {
-                    "score": self.anomaly.score,
-                    "baseline": self.anomaly.baseline,
+                    name: value
+                    for name, value in (
+                        ("score", self.anomaly.score),
+                        ("baseline", self.anomaly.baseline),
+                        ("samples", self.anomaly.samples),
+                    )
+                    if value is not None
                 }
             ),
             "occurred_at": self.effective_time,

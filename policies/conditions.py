@@ -78,12 +78,12 @@ class Condition:
     text: str
 
 
-def compile_condition(source: str) -> Condition | str:
+def compile_condition(source: str, *, key: str = "when") -> Condition | str:
     """The compiled condition, or a message saying where its syntax is wrong."""
     try:
         program = cel.compile(source)
     except ValueError as exc:
-        return _syntax_message(str(exc))
+        return _syntax_message(str(exc), key)
     paths: dict[tuple[str, ...], None] = {}
     for match in _EVENT_PATH.finditer(_STRING_LITERAL.sub('""', source)):
         parts = tuple(part.strip() for part in match.group(1).split(".")[1:])
@@ -93,13 +93,13 @@ def compile_condition(source: str) -> Condition | str:
     )
 
 
-def _syntax_message(raw: str) -> str:
+def _syntax_message(raw: str, key: str) -> str:
     found = _CEL_ERROR.search(raw)
     if found is None:
         return f"CEL syntax error: {_first_line(raw)}"
     line, column, message = found.groups()
     # The engine appends a caret drawing on the following lines; the first line says it all.
-    return f"CEL syntax error at line {line}, column {column} of `when`: {message.strip()}"
+    return f"CEL syntax error at line {line}, column {column} of `{key}`: {message.strip()}"
 
 
 def _first_line(text: str) -> str:
@@ -118,7 +118,7 @@ def _probe_event() -> Event:
         risk=Risk.medium,
         attributes={},
         context=[],
-        anomaly=Anomaly(score=0.0, baseline=0.0, detail="probe"),
+        anomaly=Anomaly(score=0.0, baseline=0.0, samples=0, detail="probe"),
         occurred_at=datetime(2000, 1, 1, tzinfo=UTC),
         delivery_id="probe",
     )
@@ -145,28 +145,29 @@ def _known_fields(path: tuple[str, ...]) -> str | None:
     return None
 
 
-def check_condition(condition: Condition) -> list[str]:
-    """Type problems of a compiled condition, found as the module docstring says."""
+def check_condition(condition: Condition, *, key: str = "when", boolean: bool = True) -> list[str]:
+    """Type problems of a compiled expression, found as the module docstring says. `key` names
+    it in messages; `boolean=False` accepts any result (a baseline's key or value)."""
     problems = []
     for path in condition.paths:
         unknown = _known_fields(path)
         if unknown is not None:
-            problems.append(f"type error in `when`: unknown field {unknown}")
+            problems.append(f"type error in `{key}`: unknown field {unknown}")
     if problems:
         return problems
     try:
         result = condition.program.execute(_PROBE_CONTEXT)
     except TypeError as exc:
-        return [f"type error in `when`: {_first_sentence(str(exc))}"]
+        return [f"type error in `{key}`: {_first_sentence(str(exc))}"]
     except RuntimeError as exc:
         if _UNDEFINED in str(exc):
-            return [f"unknown name in `when`: {_first_sentence(str(exc))}"]
+            return [f"unknown name in `{key}`: {_first_sentence(str(exc))}"]
         return []
     except EVALUATION_ERRORS:
         # A missing attribute/context key, or an error that depends on the data: see docstring.
         return []
-    if not isinstance(result, bool):
-        return [f"type error in `when`: the condition gives {_cel_type(result)}, not a bool"]
+    if boolean and not isinstance(result, bool):
+        return [f"type error in `{key}`: the condition gives {_cel_type(result)}, not a bool"]
     return []
 
 

@@ -18,12 +18,14 @@ rule's program, compiled at load, runs against it. Only matches get a detailed e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import cel
 
 from connectors.events import Event
+from policies.anomaly import BaselineSpec, Measurement
 from policies.conditions import (
     EVALUATION_ERRORS,
     Condition,
@@ -44,6 +46,8 @@ DEFAULT_RULE = "default"
 # Decisions that let an event through without a person: refused when a rule before them errored.
 _UNGUARDED = frozenset({DecisionKind.auto_approve, DecisionKind.ignore})
 _NO_MATCH = "condition is false"
+# ValueError also covers an event the engine cannot convert (a lone surrogate in a string).
+_MEASURE_ERRORS: tuple[type[Exception], ...] = (ValueError, *EVALUATION_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,35 @@ class Policy:
     default: DefaultDecision
     # The files the policy was read from, in load order.
     files: tuple[str, ...] = ()
+    # At most one per (source, kind): see policies.anomaly.
+    baselines: tuple[BaselineSpec, ...] = ()
+
+    def measure(self, event: Event) -> Measurement | None:
+        """The event's value for its baseline, or None: no baseline watches this source and
+        kind, or the event lacks a usable key or number (it then gets no anomaly score, and a
+        rule that reads one fails closed)."""
+        spec = next(
+            (b for b in self.baselines if b.source == event.source and b.kind == event.kind),
+            None,
+        )
+        if spec is None:
+            return None
+        try:
+            context = cel.Context({"event": event.to_cel()})
+            key = spec.key.program.execute(context)
+            value = spec.value.program.execute(context)
+        except _MEASURE_ERRORS:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        if not math.isfinite(value) or isinstance(key, bool) or not isinstance(key, str | int):
+            return None
+        return Measurement(
+            baseline=(event.source, event.kind, spec.field, str(key)[:512]),
+            value=float(value),
+            alpha=spec.alpha,
+            min_samples=spec.min_samples,
+        )
 
     def decide(self, event: Event) -> Decision:
         """The decision for one event. Raises nothing for anything the event contains."""

@@ -29,12 +29,14 @@ from pydantic_core import ErrorDetails
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from policies.conditions import check_condition, compile_condition
+from policies.anomaly import DEFAULT_HALF_LIFE, DEFAULT_MIN_SAMPLES, BaselineSpec
+from policies.conditions import Condition, check_condition, compile_condition
 from policies.errors import PolicyError, Problem
 from policies.gateway import DEFAULT_RULE, DefaultDecision, Policy, Rule
 from policies.model import DecisionKind, Route
 
-_TOP_KEYS = ("rules", "default")
+_TOP_KEYS = ("rules", "default", "baselines")
+_BASELINE_KEYS = ("source", "kind", "key", "value", "half_life", "min_samples")
 _RULE_KEYS = ("name", "when", "decide", "route", "shadow", "description")
 _DEFAULT_KEYS = ("decide", "route")
 _SUFFIXES = (".yaml", ".yml")
@@ -89,6 +91,7 @@ class _Reader:
     rules: list[Rule] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     default: DefaultDecision | None = None
+    baselines: list[BaselineSpec] = field(default_factory=list)
     # Where each rule name (and the default) was first defined, for duplicate messages.
     seen: dict[str, str] = field(default_factory=dict)
     file: str = ""
@@ -113,7 +116,12 @@ class _Reader:
             order = {file: index for index, file in enumerate(self.files)}
             raise PolicyError(sorted(self.problems, key=lambda p: (order.get(p.file, -1), p.line)))
         assert self.default is not None
-        return Policy(rules=tuple(self.rules), default=self.default, files=tuple(self.files))
+        return Policy(
+            rules=tuple(self.rules),
+            default=self.default,
+            files=tuple(self.files),
+            baselines=tuple(self.baselines),
+        )
 
     # -- one file ------------------------------------------------------------------------------
 
@@ -144,6 +152,8 @@ class _Reader:
         for entry in self.entries(root, _TOP_KEYS, "at the top level"):
             if entry.key == "rules":
                 self.read_rules(entry)
+            elif entry.key == "baselines":
+                self.read_baselines(entry)
             else:
                 self.read_default(entry)
 
@@ -279,6 +289,83 @@ class _Reader:
         if not isinstance(value, str):
             self.problem(entry.line, f"{label}: `{entry.key}` must be a string")
             return ""
+        return value
+
+    # -- anomaly baselines ---------------------------------------------------------------------
+
+    def read_baselines(self, entry: _Entry) -> None:
+        if not isinstance(entry.node, SequenceNode):
+            self.problem(entry.line, "`baselines` must be a list")
+            return
+        for index, node in enumerate(entry.node.value, start=1):
+            label = f"baseline #{index}"
+            if not isinstance(node, MappingNode):
+                self.problem(
+                    _line(node), f"{label} must be a mapping with source, kind, key, value"
+                )
+                continue
+            values = {e.key: e for e in self.entries(node, _BASELINE_KEYS, "in a baseline")}
+            count = len(self.problems)
+            source = self.read_required_text(values.get("source"), _line(node), label, "source")
+            kind = self.read_required_text(values.get("kind"), _line(node), label, "kind")
+            key = self.read_expression(values.get("key"), _line(node), label, "key")
+            value = self.read_expression(values.get("value"), _line(node), label, "value")
+            half_life = self.read_int(values.get("half_life"), label, DEFAULT_HALF_LIFE, 1)
+            min_samples = self.read_int(values.get("min_samples"), label, DEFAULT_MIN_SAMPLES, 2)
+            if len(self.problems) > count or key is None or value is None:
+                continue
+            if any(b.source == source and b.kind == kind for b in self.baselines):
+                self.problem(
+                    _line(node), f"{label}: a baseline for {source}/{kind} is already defined"
+                )
+                continue
+            self.baselines.append(
+                BaselineSpec(
+                    source=source,
+                    kind=kind,
+                    key=key,
+                    value=value,
+                    half_life=half_life,
+                    min_samples=min_samples,
+                )
+            )
+
+    def read_required_text(self, entry: _Entry | None, line: int, label: str, name: str) -> str:
+        if entry is None:
+            self.problem(line, f"{label}: missing `{name}`")
+            return ""
+        value = _scalar(entry.node)
+        if not isinstance(value, str) or not value.strip():
+            self.problem(entry.line, f"{label}: `{name}` must be a non-empty string")
+            return ""
+        return value.strip()
+
+    def read_expression(
+        self, entry: _Entry | None, line: int, label: str, name: str
+    ) -> Condition | None:
+        if entry is None:
+            self.problem(line, f"{label}: missing `{name}` (a CEL expression)")
+            return None
+        source = _scalar(entry.node)
+        if not isinstance(source, str) or not source.strip():
+            self.problem(entry.line, f"{label}: `{entry.key}` must be a CEL expression")
+            return None
+        compiled = compile_condition(source, key=entry.key)
+        if isinstance(compiled, str):
+            self.problem(entry.line, f"{label}: {compiled}")
+            return None
+        problems = check_condition(compiled, key=entry.key, boolean=False)
+        for message in problems:
+            self.problem(entry.line, f"{label}: {message}")
+        return None if problems else compiled
+
+    def read_int(self, entry: _Entry | None, label: str, default: int, least: int) -> int:
+        if entry is None:
+            return default
+        value = _scalar(entry.node)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            self.problem(entry.line, f"{label}: `{entry.key}` must be a whole number ≥ {least}")
+            return default
         return value
 
     # -- default and routes --------------------------------------------------------------------

@@ -8,7 +8,7 @@ cost of a commit is shared by every delivery in the batch. `storage.batcher` for
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 from connectors.base import Cancellation
 from connectors.events import Event
 from connectors.redaction import redact_url
+from policies.anomaly import BaselineId, BaselineState, Measurement
 from policies.model import Decision, DecisionKind
-from storage import audit
+from storage import audit, baselines
 from storage.audit import AuditEntry
 from storage.db import TransactionRunner
 from storage.models import EventRecord, OutboxJob, Request, RequestStatus, new_id, table_of
@@ -45,6 +46,8 @@ class Intake:
     # no chat configured).
     card_kind: str | None = None
     card_update_kind: str | None = None
+    # The event's value for its anomaly baseline, learned in this transaction (policies.anomaly).
+    measurement: Measurement | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class IntakeResult:
     duplicate: bool = False
     # This delivery queued outbox jobs (a sync-back, a card): the worker has work.
     queued_jobs: bool = False
+    # Baselines as they stand after this batch learned from it, for the scoring cache.
+    learned: Mapping[BaselineId, BaselineState] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -235,6 +240,7 @@ def write_batch(
         for refusal in refusals
     ]
     new_requests: dict[str, dict[str, Any]] = {}
+    measured: list[tuple[int, Measurement]] = []
     results: list[IntakeResult | CancelResult] = []
     for intake in items:
         if isinstance(intake, Cancel):
@@ -247,6 +253,8 @@ def write_batch(
             continue
         event_id = new_id("e")
         key = (event.source, event.subject)
+        if intake.measurement is not None:  # learned once: a duplicate never got this far
+            measured.append((len(results), intake.measurement))
         # Serialised once and shared by the event row, the request row and the audit records.
         body = event.model_dump(mode="json")
         decision_json = decision.model_dump(mode="json")
@@ -354,6 +362,12 @@ def write_batch(
         # A later duplicate in this same batch gets the same answer.
         answers[event.delivery_id] = dataclasses.replace(result, duplicate=True, queued_jobs=False)
 
+    if measured:
+        learned = baselines.learn(session, [m for _, m in measured], now=now)
+        for index, _ in measured:
+            measured_result = results[index]
+            assert isinstance(measured_result, IntakeResult)
+            results[index] = dataclasses.replace(measured_result, learned=learned)
     if superseded:
         # Core table, not the ORM entity: with a list of parameters the ORM would switch to its
         # "bulk UPDATE by primary key" mode, which ignores the status guard below.

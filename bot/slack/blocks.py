@@ -249,15 +249,27 @@ def reason_text(reason: str, limit: int) -> str:
     return escape_mrkdwn(cut(" ".join(reason.split()), limit))
 
 
+# From this many standard deviations a value is flagged, as the baselines' clamping band is.
+UNUSUAL_SCORE = 3.0
+
+
 def anomaly_text(facts: Facts) -> str:
     anomaly = facts.mapping("anomaly")
     score = _num(anomaly.get("score"))
+    samples = _num(anomaly.get("samples"))
     if score is None:
-        return ""
-    text = f":warning: *Anomaly score {score}*"
+        if samples is None:
+            return ""
+        # A baseline too young to judge: say so, or "why was this not auto-approved?" has no answer.
+        return f":grey_question: *No anomaly baseline yet* ({samples} values seen so far)"
+    unusual = abs(float(score)) >= UNUSUAL_SCORE
+    text = f":warning: *Anomaly score {score}*" if unusual else f"*Anomaly score {score}*"
+    notes = [] if unusual else ["usual"]
     baseline = _num(anomaly.get("baseline"))
     if baseline is not None:
-        text += f" (baseline {baseline})"
+        notes.append(f"baseline {baseline}")
+    if notes:
+        text += f" ({'; '.join(notes)})"
     detail = as_text(anomaly.get("detail")).strip()
     if detail:
         text += f": {escape_mrkdwn(cut(detail, TRACE_DETAIL_MAX))}"

@@ -538,6 +538,20 @@ def test_anomaly_is_shown_with_its_baseline() -> None:
     assert ":red_circle: *Critical risk*" in all_text(payload)
 
 
+@pytest.mark.parametrize(
+    ("anomaly", "shown"),
+    [
+        ({"score": 0.4, "baseline": 80, "samples": 40}, "*Anomaly score 0.4* (usual; baseline 80)"),
+        ({"score": -3.5, "baseline": 80}, ":warning: *Anomaly score -3.5* (baseline 80)"),
+        ({"samples": 4}, ":grey_question: *No anomaly baseline yet* (4 values seen so far)"),
+    ],
+)
+def test_anomaly_says_usual_unusual_or_not_yet_known(anomaly: dict, shown: str) -> None:
+    body = fixture("refund")
+    body["anomaly"] = anomaly
+    assert shown in all_text(card_payload(make_view(body)))
+
+
 def test_failed_closed_and_shadow_decisions_are_shown() -> None:
     view = make_view(fixture("refund"), policy=parse_policy(FAIL_CLOSED_POLICY))
     assert view.event.decision["failed_closed"] is True

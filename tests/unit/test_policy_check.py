@@ -45,7 +45,7 @@ def test_bad_yaml(tmp_path: Path) -> None:
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     found = only(tmp_path, "rules: []\ndefualt: {decide: ignore}\ndefault: {decide: ignore}\n")
     assert found == f"{tmp_path / 'policy.yaml'}:2: unknown key 'defualt' at the top level" + (
-        " (allowed: rules, default)"
+        " (allowed: rules, default, baselines)"
     )
 
 
@@ -276,7 +276,7 @@ def test_several_problems_are_all_reported(tmp_path: Path) -> None:
         f"{path}:17: rule 'd': route.approvers[0].min: Input should be greater than or equal to 1",
         f"{path}:18: rule 'd': route.sla: unknown duration '3w' (use e.g. 45s, 30m, 2h, 1d, 1h30m)",
         f"{path}:20: duplicate key 'shadow'",
-        f"{path}:21: unknown key 'top' at the top level (allowed: rules, default)",
+        f"{path}:21: unknown key 'top' at the top level (allowed: rules, default, baselines)",
     ]
 
 
