@@ -425,6 +425,7 @@ class _Reader:
         found: list[tuple[tuple[str | int, ...], object]] = [
             (("sla",), data.get("sla")),
             (("expires_after",), data.get("expires_after")),
+            (("warn_before",), data.get("warn_before")),
         ]
         escalate = data.get("escalate")
         if isinstance(escalate, list):

@@ -108,6 +108,17 @@ class Route(BaseModel):
     escalate: list[Escalation] = Field(default_factory=list)
     expires_after: Duration | None = None
     on_expiry: OnExpiry = OnExpiry.expire
+    # How long before expiry the card's thread is warned (default: a quarter of
+    # `expires_after`, at most an hour).
+    warn_before: Duration | None = None
+
+    @property
+    def expiry_warning(self) -> timedelta | None:
+        if self.expires_after is None:
+            return None
+        if self.warn_before is not None:
+            return min(self.warn_before, self.expires_after)
+        return min(self.expires_after / 4, timedelta(hours=1))
 
 
 class TraceOutcome(StrEnum):

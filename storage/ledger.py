@@ -27,6 +27,7 @@ from storage.audit import AuditEntry
 from storage.db import TransactionRunner
 from storage.models import EventRecord, OutboxJob, Request, RequestStatus, new_id, table_of
 from storage.outbox import job_row
+from storage.timers import Progress, next_due
 
 _AUTO_STATUS = {
     DecisionKind.auto_approve: RequestStatus.approved,
@@ -133,6 +134,12 @@ def _request_row(
 ) -> dict[str, Any]:
     event, decision, route = intake.event, intake.decision, intake.decision.route
     final = status.is_final
+    expires_at = now + route.expires_after if route and route.expires_after else None
+    due = (
+        next_due(route, created_at=now, expires_at=expires_at, progress=Progress())
+        if route is not None and not final
+        else None
+    )
     return {
         "id": request_id,
         "event_id": event_id,
@@ -147,7 +154,7 @@ def _request_row(
         "rule": decision.rule,
         "route": route_json,
         "created_at": now,
-        "expires_at": now + route.expires_after if route and route.expires_after else None,
+        "expires_at": expires_at,
         "decided_at": now if final else None,
         "decided_by": (
             [{"id": f"policy:{decision.rule}", "name": f"policy rule {decision.rule}"}]
@@ -157,6 +164,12 @@ def _request_row(
         "reason": f"{status.value} by policy rule {decision.rule}" if final else "",
         "superseded_by": None,
         "sync_kind": intake.sync_kind,
+        "channel": route.channel if route is not None else None,
+        "sla_due_at": now + route.sla if route is not None and route.sla else None,
+        "next_due_at": due,
+        "escalation_level": 0,
+        "sla_reminded": False,
+        "expiry_warned": False,
     }
 
 

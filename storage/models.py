@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.dialects import postgresql
@@ -134,6 +136,15 @@ class Request(Base):
     # Where the approval card was posted (set once chat.postMessage succeeded).
     card_channel: Mapped[str | None] = mapped_column(String(64))
     card_ts: Mapped[str | None] = mapped_column(String(32))
+    # The route's channel (None for requests decided without people).
+    channel: Mapped[str | None] = mapped_column(String(64))
+    sla_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Timers (storage.timers): the earliest moment something is due for this pending request,
+    # and how far along its ladder it is. A sweep claims a due request by moving next_due_at.
+    next_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    escalation_level: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    sla_reminded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    expiry_warned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (
         # At most one pending request per subject: a second replica racing to create one for
@@ -147,6 +158,8 @@ class Request(Base):
             postgresql_where=text("status = 'pending'"),
         ),
         Index("ix_requests_status_created", "status", "created_at"),
+        Index("ix_requests_status_next_due", "status", "next_due_at"),
+        Index("ix_requests_channel_status", "channel", "status", "created_at"),
     )
 
 
@@ -241,3 +254,13 @@ class AnomalyBaseline(Base):
     mean: Mapped[float] = mapped_column(Float)
     variance: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DigestRun(Base):
+    """One digest per channel per scheduled time: whoever inserts the row sends it."""
+
+    __tablename__ = "digest_runs"
+
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
