@@ -16,9 +16,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from bot.clock import Clock, SystemClock
 from bot.connectors import build_connectors
+from bot.schedule import cron_trigger
+from bot.scheduler import DigestPlan, Scheduler
 from bot.settings import Settings
 from bot.slack import jobs as slack_jobs
+from bot.slack import notices
 from bot.slack.app import SlackBot
 from bot.slack.clicks import ClickService
 from bot.slack.client import make_client
@@ -41,6 +45,7 @@ from storage.errors import DatabaseUnavailable
 from storage.ledger import Cancel, CancelResult, Intake, IntakeResult
 from storage.requests import StatusWatch
 from storage.schema import ensure_schema
+from storage.timers import TimerJobs
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,7 @@ class Services:
     watch: StatusWatch
     worker: OutboxWorker
     http: httpx.AsyncClient
+    scheduler: Scheduler
     slack: SlackBot | None = None
     socket_mode: AsyncSocketModeHandler | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -102,7 +108,9 @@ class Services:
         return Cancel(cancellation, card_update_kind=slack_jobs.UPDATE_CARD if self.slack else None)
 
     @classmethod
-    async def start(cls, settings: Settings) -> Services:
+    async def start(cls, settings: Settings, *, clock: Clock | None = None) -> Services:
+        """Everything up and running. `clock` drives scheduled work (a test's ManualClock);
+        with one given, the scheduler does not tick by itself: the test calls `tick()`."""
         settings.require("webhook_secret", purpose="the /v1/events intake")
         settings.require("policy_path", purpose="deciding events")
         assert settings.webhook_secret is not None and settings.policy_path is not None
@@ -133,8 +141,11 @@ class Services:
             if connector.sync_kind is not None
         }
         slack = None
+        the_clock = clock or SystemClock()
         if settings.slack_bot_token is not None:
-            slack = _slack(settings, sessions, runner, handlers, lambda rid: changed(rid))
+            slack = _slack(
+                settings, sessions, runner, handlers, lambda rid: changed(rid), the_clock
+            )
         worker = OutboxWorker(
             sessions,
             handlers,
@@ -159,6 +170,20 @@ class Services:
 
         batcher = WriteBatcher(runner, on_commit=committed)
         batcher.start()
+
+        def queued(request_ids: Sequence[str]) -> None:
+            watch.notify(list(request_ids))
+            worker.wake()
+
+        scheduler = Scheduler(
+            runner,
+            clock=the_clock,
+            # Without Slack, expiries still apply and sync back; there is nobody to notify.
+            jobs=notices.TIMER_JOBS if slack is not None else TimerJobs(),
+            interval=settings.timer_interval,
+            digests=_digest_plan(settings, policy) if slack is not None else None,
+            on_queued=queued,
+        )
         services = cls(
             settings=settings,
             engine=engine,
@@ -171,6 +196,7 @@ class Services:
             watch=watch,
             worker=worker,
             http=http,
+            scheduler=scheduler,
             slack=slack,
         )
         if slack is not None and settings.slack_app_token is not None:
@@ -179,11 +205,14 @@ class Services:
             )
             await services.socket_mode.connect_async()  # type: ignore[no-untyped-call]
         services._worker_task = asyncio.create_task(worker.run(), name="signoff-outbox-worker")
+        if clock is None:
+            scheduler.start()
         return services
 
     async def close(self) -> None:
         """Flush accepted writes, let in-flight side effects finish, then let go of resources."""
         self.stopping.set()
+        await self.scheduler.stop()
         if self.socket_mode is not None:
             await self.socket_mode.close_async()  # type: ignore[no-untyped-call]
         if self.slack is not None:
@@ -204,6 +233,7 @@ def _slack(
     runner: TransactionRunner,
     handlers: dict[str, Handler],
     changed: Callable[[str], None],
+    clock: Clock,
 ) -> SlackBot:
     """The Slack side: client, directory, the outbox handlers that talk to Slack, the Bolt app."""
     settings.require("slack_signing_secret", purpose="verifying requests from Slack")
@@ -216,7 +246,9 @@ def _slack(
         ttl=settings.slack_group_ttl,
         actor_map=load_user_map(settings.slack_user_map) if settings.slack_user_map else None,
     )
-    handlers.update(slack_jobs.SlackJobHandlers(sessions, client, directory).handlers())
+    cards = slack_jobs.SlackJobHandlers(sessions, client, directory)
+    handlers.update(cards.handlers())
+    handlers.update(notices.NoticeHandlers(sessions, client, directory, cards, clock).handlers())
     clicks = ClickService(
         sessions=sessions,
         runner=runner,
@@ -229,6 +261,19 @@ def _slack(
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         sessions=sessions,
         clicks=clicks,
+    )
+
+
+def _digest_plan(settings: Settings, policy: Policy) -> DigestPlan | None:
+    """Digests go to the configured channels, or to every channel the policy routes to."""
+    if settings.digest_cron is None:
+        return None
+    channels = settings.digest_channel_list or policy.channels
+    return DigestPlan(
+        channels=channels,
+        trigger=cron_trigger(settings.digest_cron, settings.digest_timezone),
+        catch_up=timedelta(seconds=settings.digest_catchup),
+        kind=notices.DIGEST,
     )
 
 

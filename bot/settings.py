@@ -9,10 +9,12 @@ import base64
 import binascii
 from pathlib import Path
 from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bot.schedule import cron_trigger
 from connectors.errors import SignoffError
 
 
@@ -73,6 +75,16 @@ class Settings(BaseSettings):
         300.0, validation_alias=_env("SIGNOFF_SLACK_GROUP_TTL")
     )
 
+    timer_interval: Annotated[float, Field(ge=0.05, le=3600)] = Field(
+        15.0, validation_alias=_env("SIGNOFF_TIMER_INTERVAL")
+    )
+    digest_cron: str | None = Field(None, validation_alias=_env("SIGNOFF_DIGEST_CRON"))
+    digest_timezone: str = Field("UTC", validation_alias=_env("SIGNOFF_DIGEST_TIMEZONE"))
+    digest_channels: str | None = Field(None, validation_alias=_env("SIGNOFF_DIGEST_CHANNELS"))
+    digest_catchup: Annotated[float, Field(ge=0, le=7 * 86400)] = Field(
+        6 * 3600.0, validation_alias=_env("SIGNOFF_DIGEST_CATCHUP")
+    )
+
     github_webhook_secret: SecretStr | None = Field(
         None, validation_alias=_env("GITHUB_WEBHOOK_SECRET")
     )
@@ -106,6 +118,26 @@ class Settings(BaseSettings):
         if len(key) < 16:
             raise ValueError("must decode to at least 16 bytes of key (the value is not shown)")
         return value
+
+    @field_validator("digest_timezone")
+    @classmethod
+    def _time_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use e.g. UTC, Europe/Paris)") from None
+        return value
+
+    @field_validator("digest_cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            cron_trigger(value, "UTC")  # ValueError says what is wrong
+        return value
+
+    @property
+    def digest_channel_list(self) -> list[str]:
+        return [c.strip() for c in (self.digest_channels or "").split(",") if c.strip()]
 
     @field_validator("log_level")
     @classmethod

@@ -81,6 +81,12 @@ class Policy:
     # At most one per (source, kind): see policies.anomaly.
     baselines: tuple[BaselineSpec, ...] = ()
 
+    @property
+    def channels(self) -> list[str]:
+        """Every channel a rule or the default routes to, in policy order."""
+        routes = [rule.route for rule in self.rules] + [self.default.route]
+        return list(dict.fromkeys(route.channel for route in routes if route is not None))
+
     def measure(self, event: Event) -> Measurement | None:
         """The event's value for its baseline, or None: no baseline watches this source and
         kind, or the event lacks a usable key or number (it then gets no anomaly score, and a

@@ -26,7 +26,7 @@ from storage import audit, baselines
 from storage.audit import AuditEntry
 from storage.db import TransactionRunner
 from storage.models import EventRecord, OutboxJob, Request, RequestStatus, new_id, table_of
-from storage.outbox import job_row
+from storage.outbox import request_job, sync_back_job
 from storage.timers import Progress, next_due
 
 _AUTO_STATUS = {
@@ -97,23 +97,6 @@ class IntakeResult:
             "status": self.status,
             "rule": self.rule,
         }
-
-
-def request_job(kind: str, key: str, request_id: str, now: datetime) -> dict[str, Any]:
-    """A job about one request whose handler reads the request when it runs; its idempotency
-    key is `<key>-<request id>`, so the same side effect is never queued twice."""
-    return job_row(
-        kind=kind,
-        idempotency_key=f"{key}-{request_id}",
-        payload={"request_id": request_id},
-        request_id=request_id,
-        now=now,
-    )
-
-
-def sync_back_job(request_id: str, sync_kind: str, now: datetime) -> dict[str, Any]:
-    # One sync-back per request: the key doubles as the delivery id the far side dedupes on.
-    return request_job(sync_kind, "sync", request_id, now)
 
 
 def _event_audit_data(body: dict[str, Any]) -> dict[str, Any]:

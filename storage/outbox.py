@@ -59,6 +59,23 @@ def job_row(
     }
 
 
+def request_job(kind: str, key: str, request_id: str, now: datetime) -> dict[str, Any]:
+    """A job about one request whose handler reads the request when it runs; its idempotency
+    key is `<key>-<request id>`, so the same side effect is never queued twice."""
+    return job_row(
+        kind=kind,
+        idempotency_key=f"{key}-{request_id}",
+        payload={"request_id": request_id},
+        request_id=request_id,
+        now=now,
+    )
+
+
+def sync_back_job(request_id: str, sync_kind: str, now: datetime) -> dict[str, Any]:
+    # One sync-back per request: the key doubles as the delivery id the far side dedupes on.
+    return request_job(sync_kind, "sync", request_id, now)
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     """A job as one worker claimed it. `attempts` is this attempt's number (1 for the first);

@@ -16,8 +16,8 @@ from connectors.base import FinalDecision, Voter
 from storage import audit
 from storage.audit import AuditEntry
 from storage.errors import InvalidTransition, NotFound
-from storage.ledger import sync_back_job
 from storage.models import EventRecord, OutboxJob, Request, RequestStatus, Vote
+from storage.outbox import sync_back_job
 
 
 @dataclass(frozen=True)

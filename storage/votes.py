@@ -22,9 +22,8 @@ from sqlalchemy.orm import Session
 from policies.model import Route
 from storage.audit import AuditEntry, append_sync
 from storage.errors import StorageError
-from storage.ledger import request_job, sync_back_job
 from storage.models import EventRecord, Request, RequestStatus, Vote, table_of
-from storage.outbox import insert_jobs, job_row
+from storage.outbox import insert_jobs, job_row, request_job, sync_back_job
 
 
 class Choice(StrEnum):

@@ -53,7 +53,17 @@ from bot.slack.blocks import (
     vote_line,
     votes_text,
 )
-from bot.slack.mrkdwn import cut, cut_mrkdwn, date, escape_mrkdwn, group, join_within, link, user
+from bot.slack.mrkdwn import (
+    cut,
+    cut_mrkdwn,
+    date,
+    escape_mrkdwn,
+    group,
+    is_user_id,
+    join_within,
+    link,
+    user,
+)
 from policies.model import ApproverGroup, Route, format_duration
 from storage.models import Request, RequestStatus, Vote
 from storage.requests import RequestView
@@ -320,10 +330,22 @@ def _timing(
         elif status in (RequestStatus.approved, RequestStatus.rejected) and request.decided_at:
             met = "met" if aware(request.decided_at) <= due else "missed"
             parts.append(f":stopwatch: SLA {sla} {met}")
+    level = request.escalation_level or 0
+    if status is RequestStatus.pending and route is not None and level > 0:
+        notified = ", ".join(notify_target(t) for t in route.escalate[level - 1].notify)
+        parts.append(
+            f":rotating_light: *Escalated* (level {level} of {len(route.escalate)}) to {notified}"
+        )
     if status is RequestStatus.pending and request.expires_at is not None:
         expires = aware(request.expires_at)
         parts.append(f":hourglass: Expires {date(expires)} (in {span(expires - now)})")
     return parts
+
+
+def notify_target(ref: str) -> str:
+    """A policy's notify entry: a user id pings the user, a group id the group; a handle is
+    shown inert (the notice in the thread resolves it to a real mention)."""
+    return user(ref) if is_user_id(ref) else group(ref)
 
 
 def _footer(request: Request, facts: Facts) -> str:

@@ -78,6 +78,17 @@ class Directory:
             entry.last_miss_refresh = now
         return user_id in entry.members
 
+    async def members(self, group: str) -> frozenset[str]:
+        """The group's members, from the cache while it is fresh."""
+        entry = self._groups.get(group)
+        if entry is None or self._clock() - entry.fetched_at > self._ttl:
+            entry = await self._fetch(group)
+        return entry.members
+
+    async def group_id(self, group: str) -> str | None:
+        """The id (`S...`) of a group named by id or handle; None if Slack has no such group."""
+        return await self._group_id(group)
+
     async def _fetch(self, group: str) -> _Entry:
         group_id = await self._group_id(group)
         members: frozenset[str] = frozenset()

@@ -48,7 +48,7 @@ class SlackJobHandlers:
             DM_OUTCOME: self.dm_outcome,
         }
 
-    async def _view(self, job: ClaimedJob) -> RequestView:
+    async def view(self, job: ClaimedJob) -> RequestView:
         request_id = str(job.payload["request_id"])
         try:
             async with self._sessions() as session:
@@ -56,7 +56,7 @@ class SlackJobHandlers:
         except NotFound:
             raise TerminalSyncError(f"request {request_id} no longer exists") from None
 
-    async def _call(self, method: str, **kwargs: Any) -> Any:
+    async def call(self, method: str, **kwargs: Any) -> Any:
         try:
             return await self._client.api_call(method, json=kwargs)
         except SlackFailure as exc:
@@ -70,7 +70,7 @@ class SlackJobHandlers:
             raise TerminalSyncError(f"the card breaks a Slack limit: {exc}") from exc
 
     async def post_card(self, *, job: ClaimedJob) -> None:
-        view = await self._view(job)
+        view = await self.view(job)
         request = view.request
         if request.card_ts:
             # Posted by an earlier attempt that crashed before finishing: bring it up to date.
@@ -79,19 +79,19 @@ class SlackJobHandlers:
         if request.route is None:
             raise TerminalSyncError(f"request {request.id} has no route, so no channel")
         channel = str(request.route["channel"])
-        response = await self._call("chat.postMessage", channel=channel, **self._card_payload(view))
+        response = await self.call("chat.postMessage", channel=channel, **self._card_payload(view))
         async with self._sessions.begin() as session:
             await session.execute(
                 update(Request)
                 .where(Request.id == request.id, Request.card_ts.is_(None))
                 .values(card_channel=response["channel"], card_ts=response["ts"])
             )
-        view = await self._view(job)
+        view = await self.view(job)
         if view.request.status != RequestStatus.pending.value:
             # Decided (or superseded) while the post was in flight: show the outcome.
             await self._update(view)
 
-    async def _require_card(self, view: RequestView) -> tuple[str, str]:
+    async def require_card(self, view: RequestView) -> tuple[str, str]:
         request = view.request
         if request.card_channel and request.card_ts:
             return request.card_channel, request.card_ts
@@ -105,25 +105,25 @@ class SlackJobHandlers:
         raise RetryableSyncError(f"the card of {request.id} is not posted yet ({post})")
 
     async def _update(self, view: RequestView) -> None:
-        channel, ts = await self._require_card(view)
-        await self._call("chat.update", channel=channel, ts=ts, **self._card_payload(view))
+        channel, ts = await self.require_card(view)
+        await self.call("chat.update", channel=channel, ts=ts, **self._card_payload(view))
 
     async def update_card(self, *, job: ClaimedJob) -> None:
-        await self._update(await self._view(job))
+        await self._update(await self.view(job))
 
     async def thread_reply(self, *, job: ClaimedJob) -> None:
-        view = await self._view(job)
-        channel, ts = await self._require_card(view)
+        view = await self.view(job)
+        channel, ts = await self.require_card(view)
         vote_id = int(job.payload["vote_id"])
         vote = next((v for v in view.votes if v.id == vote_id), None)
         if vote is None:
             raise TerminalSyncError(f"vote {vote_id} of {view.request.id} no longer exists")
-        await self._call(
+        await self.call(
             "chat.postMessage", channel=channel, thread_ts=ts, text=vote_reply_text(vote, view)
         )
 
     async def dm_outcome(self, *, job: ClaimedJob) -> None:
-        view = await self._view(job)
+        view = await self.view(job)
         actor = view.event.body.get("actor") or {}
         try:
             user = await self._directory.slack_user_for(
@@ -133,7 +133,7 @@ class SlackJobHandlers:
             raise classify("users.lookupByEmail", exc) from exc
         if user is None:
             return  # the requester is not a Slack user we know: nobody to tell
-        opened = await self._call("conversations.open", users=user)
+        opened = await self.call("conversations.open", users=user)
         text, blocks = outcome_dm(view)
         channel = opened["channel"]["id"]
-        await self._call("chat.postMessage", channel=channel, text=text, blocks=blocks)
+        await self.call("chat.postMessage", channel=channel, text=text, blocks=blocks)

@@ -31,7 +31,7 @@ def called_methods() -> set[str]:
     """Methods the bot's code calls, found in its source (api_call names and client methods)."""
     files = [p for p in (ROOT / "bot").rglob("*.py") if "standin" not in p.name]
     source = "\n".join(p.read_text() for p in files)
-    named = set(re.findall(r'_call\(\s*"([a-z]+\.[A-Za-z.]+)"', source))
+    named = set(re.findall(r'call\(\s*"([a-z]+\.[A-Za-z.]+)"', source))
     snake = {
         "chat_postEphemeral": "chat.postEphemeral",
         "views_open": "views.open",
