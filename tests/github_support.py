@@ -115,6 +115,8 @@ def github_settings(standin: GitHubStandIn) -> dict[str, object]:
         "GITHUB_API_URL": standin.url,
         "GITHUB_APP_ID": APP_ID,
         "GITHUB_APP_PRIVATE_KEY": app_key_pem(),
+        # GitHub's payloads carry whole repository objects: ~45 KiB for the fixture.
+        "SIGNOFF_MAX_BODY_BYTES": 256 * 1024,
     }
 
 
