@@ -35,7 +35,7 @@ def build_connectors(settings: Settings, http: httpx.AsyncClient) -> dict[str, C
 
 def _github(settings: Settings, http: httpx.AsyncClient) -> GitHubConnector:
     """On with GITHUB_WEBHOOK_SECRET. The App credentials are required with it: a deployment
-    protection rule nobody answers holds the deployment until GitHub times it out (30 days)."""
+    protection rule nobody answers holds the deployment until GitHub times the job out."""
     purpose = "answering GitHub deployment protection rules"
     settings.require("github_app_id", purpose=purpose)
     assert settings.github_webhook_secret is not None and settings.github_app_id is not None

@@ -53,9 +53,10 @@ def receive(body: bytes, headers: Mapping[str, str], *, verifier: HubSignature) 
     if event_type == "ping":
         # GitHub pings a new hook (and on "Redeliver"): it only wants a 2xx back.
         return Delivery(reply={"ok": True, "event": "ping"})
-    action = _parse(Envelope, data).action
     if event_type != "deployment_protection_rule":
+        # Acknowledged without reading further: its shape is not ours to judge.
         return Delivery(ignored=f"GitHub event {event_type!r} is not handled")
+    action = _parse(Envelope, data).action
     if action != "requested":
         return Delivery(ignored=f"deployment_protection_rule action {action!r} is not handled")
     payload = _parse(DeploymentProtectionRuleRequested, data)
