@@ -57,7 +57,12 @@ class GitHubConnector:
                 f"request {decision.request_id} lacks the GitHub run or installation to answer"
             ) from None
         body = review_body(decision)
-        token = await self.auth.token(installation)
+        try:
+            token = await self.auth.token(installation)
+        except AnswerError as exc:
+            if limited := _rate_limited(exc):
+                raise limited from exc
+            raise
         try:
             await send(
                 self._client,
@@ -81,6 +86,8 @@ class GitHubConnector:
         )
 
     def _refusal(self, exc: AnswerError, installation: int, token: str) -> Exception:
+        if limited := _rate_limited(exc):
+            return limited
         if exc.status == 401:
             # Revoked, or expired early (the App's key was rotated...): fetch a new token and
             # try again; a second 401 with a fresh token ends the same way, then dead-letters
@@ -98,3 +105,11 @@ class GitHubConnector:
                 "this job's key in the run's deployment review comments)"
             )
         return exc
+
+
+def _rate_limited(exc: AnswerError) -> RetryableSyncError | None:
+    """GitHub answers an exhausted or secondary rate limit with 403 as well as 429 (docs: "Rate
+    limits for the REST API"); `connectors.outbound` retries only the 429."""
+    if exc.status == 403 and "rate limit" in exc.snippet.lower():
+        return RetryableSyncError(str(exc))
+    return None

@@ -55,7 +55,8 @@ class GitHubStandIn:
         # None: any installation id exists.
         self.installations = installations
         self.token_ttl = token_ttl
-        self.answers: list[int] = []
+        # Statuses (or status and message) to answer review calls with instead, in order.
+        self.answers: list[int | tuple[int, str]] = []
         self.token_calls: list[int] = []
         self.review_calls = 0
         self.reviews: list[Review] = []
@@ -154,8 +155,9 @@ class GitHubStandIn:
         if problem:
             return self._refuse(422, problem)
         if self.answers:
-            status = self.answers.pop(0)
-            return self._refuse(status, f"answering {status} on purpose")
+            answer = self.answers.pop(0)
+            status, message = answer if isinstance(answer, tuple) else (answer, "")
+            return self._refuse(status, message or f"answering {status} on purpose")
         owner, repo = request.match_info["owner"], request.match_info["repo"]
         run_id = int(request.match_info["run_id"])
         gate = (owner, repo, run_id, str(body["environment_name"]))

@@ -226,3 +226,18 @@ async def test_a_second_review_of_the_same_gate_is_terminal(http) -> None:
         with pytest.raises(TerminalSyncError, match=r"422.*already reviewed.*job's key"):
             await github.apply(decision=decision())
         assert len(standin.reviews) == 1
+
+
+async def test_githubs_403_rate_limit_is_retried_other_403s_are_not(http) -> None:
+    async with github_standin() as standin:
+        github = connector(standin, http)
+        standin.answers = [
+            (403, "You have exceeded a secondary rate limit. Please wait a few minutes."),
+            (403, "Resource not accessible by integration"),
+        ]
+        with pytest.raises(RetryableSyncError, match="secondary rate limit"):
+            await github.apply(decision=decision())
+        with pytest.raises(TerminalSyncError, match="not accessible"):
+            await github.apply(decision=decision())
+        await github.apply(decision=decision())
+        assert len(standin.reviews) == 1
