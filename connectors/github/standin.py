@@ -88,6 +88,10 @@ class GitHubStandIn:
             await self._runner.cleanup()
             self._runner = None
 
+    @property
+    def issued_tokens(self) -> list[str]:
+        return list(self._tokens)
+
     def revoke_tokens(self) -> None:
         for token in self._tokens.values():
             token.revoked = True

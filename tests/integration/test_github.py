@@ -18,6 +18,7 @@ from connectors.github.standin import GitHubStandIn
 from storage.models import AuditRecord, EventRecord, JobStatus, OutboxJob, Request
 from tests.github_support import (
     POLICY,
+    WEBHOOK_SECRET,
     deployment_payload,
     fixture,
     github_settings,
@@ -217,3 +218,35 @@ async def test_slack_approval_ends_in_exactly_one_review(db_url: str) -> None:
         assert review.body["state"] == "approved"
         assert review.body["environment_name"] == "production"
         assert review.body["comment"].startswith("Approved in Signoff by ana (UA1)")
+
+
+async def test_no_secret_reaches_logs_audit_or_jobs(
+    env: GitHubRunning, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    await deliver(env, deployment_payload(environment="staging", run_id=1))
+    await env.github.wait_for_reviews(1)
+    # A revoked token (401, retried with a new one) and a refusal (dead letter).
+    env.github.revoke_tokens()
+    env.github.answers = [404]
+    await deliver(env, deployment_payload(environment="staging", run_id=2))
+    await deliver(env, deployment_payload(environment="staging", run_id=3))
+    await env.github.wait_for_reviews(2)
+    for _ in range(200):
+        async with env.app.services.sessions() as session:
+            jobs = list(await session.scalars(select(OutboxJob)))
+        if all(job.status in (JobStatus.done, JobStatus.dead) for job in jobs):
+            break
+        await asyncio.sleep(0.05)
+    async with env.app.services.sessions() as session:
+        audit = list(await session.scalars(select(AuditRecord)))
+    assert sorted(job.status for job in jobs) == [JobStatus.dead, JobStatus.done, JobStatus.done]
+    assert len(env.github.token_calls) == 2
+    seen = "\n".join(
+        [caplog.text]
+        + [json.dumps(record.data) for record in audit]
+        + [f"{job.last_error} {json.dumps(job.result)}" for job in jobs]
+    )
+    assert "401" in seen and "404" in seen, "the failures were recorded"
+    secrets = [*env.github.issued_tokens, "PRIVATE KEY", WEBHOOK_SECRET, "eyJ"]
+    assert [secret for secret in secrets if secret in seen] == []
