@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 
@@ -31,7 +31,7 @@ SYNC_KIND = "github.review"
 _DELIVERY = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The review-custom-gates path, on api.github.com or under a GHES `/api/v3` prefix.
 _CALLBACK_PATH = re.compile(
-    r"(?P<base>.*)/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/actions/runs/(?P<run_id>\d+)"
+    r".*/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/actions/runs/(?P<run_id>\d+)"
     r"/deployment_protection_rule/?"
 )
 MAX_PULL_REQUEST_LINKS = 5
@@ -74,6 +74,13 @@ def deployment_event(payload: DeploymentProtectionRuleRequested, *, delivery_id:
     run_id = int(callback["run_id"])
     repo, deployment, sender = payload.repository, payload.deployment, payload.sender
     owner, name = repo.owner.login, repo.name
+    named = f"{unquote(callback['owner'])}/{unquote(callback['repo'])}"
+    # Both come from GitHub in one signed payload; differing, there is no telling which run
+    # the review should go to. GitHub compares owner and repository names case-insensitively.
+    if named.lower() != f"{owner}/{name}".lower():
+        raise MalformedPayload(
+            f"deployment_callback_url: names {named}, the repository is {owner}/{name}"
+        )
     environment = payload.environment
     sha, ref = deployment.sha, deployment.ref
     repo_url = repo.html_url.rstrip("/")

@@ -180,6 +180,14 @@ def _without(path: str) -> dict[str, Any]:
             {**deployment_payload(), "deployment_callback_url": "https://api.github.com/x"},
             "deployment_callback_url: not a",
         ),
+        (
+            {
+                **deployment_payload(),
+                "deployment_callback_url": "https://api.github.com/repos/someone/else"
+                "/actions/runs/1/deployment_protection_rule",
+            },
+            "names someone/else, the repository is terraform-test-github/sample-app",
+        ),
         ({**deployment_payload(), "action": 7}, "action"),
         (
             {**deployment_payload(), "pull_requests": [{"number": "three"}]},
