@@ -87,12 +87,12 @@ def deployment_event(payload: DeploymentProtectionRuleRequested, *, delivery_id:
     run_url = f"{repo_url}/actions/runs/{run_id}"
     short_ref = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
     pull_requests = payload.pull_requests
+    # Who triggered the run is the actor: the card shows it as "Requested by".
     context = [
         ("Repository", repo.full_name),
         ("Environment", environment),
         ("Ref", ref),
         ("Commit", sha),
-        ("Triggered by", sender.login),
         ("Trigger", payload.event),
         ("Workflow run", str(run_id)),
         ("Deployment", f"{deployment.id} ({deployment.task})"),
