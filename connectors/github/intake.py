@@ -7,7 +7,6 @@ answered later through the review-custom-gates endpoint (see `review.py`).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -21,7 +20,7 @@ from connectors.errors import MalformedPayload
 from connectors.events import Event, Risk
 from connectors.github.payload import DeploymentProtectionRuleRequested, Envelope
 from connectors.github.signature import HubSignature
-from connectors.webhook.intake import describe_validation_error
+from connectors.webhook.intake import describe_validation_error, json_object
 
 NAME = "github"
 # The outbox job kind that answers GitHub's deployment protection rule.
@@ -49,7 +48,7 @@ def receive(body: bytes, headers: Mapping[str, str], *, verifier: HubSignature) 
     delivery = lowered.get("x-github-delivery", "")
     if not _DELIVERY.fullmatch(delivery):
         raise MalformedPayload("the X-GitHub-Delivery header is missing or not a delivery id")
-    data = _json_object(body)
+    data = json_object(body)
     if event_type == "ping":
         # GitHub pings a new hook (and on "Redeliver"): it only wants a 2xx back.
         return Delivery(reply={"ok": True, "event": "ping"})
@@ -160,18 +159,6 @@ def deployment_event(payload: DeploymentProtectionRuleRequested, *, delivery_id:
     except ValidationError as exc:
         # Only payload text reaches these fields (a link GitHub sent that is not http...).
         raise MalformedPayload(describe_validation_error(exc)) from None
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedPayload(f"body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise MalformedPayload("body is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise MalformedPayload("body must be a JSON object")
-    return data
 
 
 def _parse(model: type[_M], data: Any) -> _M:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -16,8 +15,8 @@ from connectors.github.intake import receive
 from connectors.github.signature import HubSignature
 from tests.conftest import reference
 from tests.github_support import WEBHOOK_SECRET, deployment_payload, fixture, github_signed
+from tests.golden import assert_golden
 
-GOLDEN = Path(__file__).parent / "golden"
 VERIFIER = HubSignature(WEBHOOK_SECRET)
 
 
@@ -214,18 +213,3 @@ def test_nul_in_payload_text_is_dropped() -> None:
     [event] = receive(*github_signed(payload), verifier=VERIFIER).events
     assert "\x00" not in json.dumps(event.model_dump(mode="json"))
     assert any(field.value == "#3 eviltitle" for field in event.context)
-
-
-def assert_golden(name: str, value: dict[str, Any]) -> None:
-    """Compare with `golden/<name>.json`; a missing or different file fails the test and leaves
-    the actual output as `<file>.new` for review."""
-    path = GOLDEN / f"{name}.json"
-    text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
-    new = path.with_name(path.name + ".new")
-    if not path.exists():
-        new.write_text(text)
-        pytest.fail(f"no golden file {path.name}: wrote {new.name}; review it and rename it")
-    if path.read_text() != text:
-        new.write_text(text)
-        assert path.read_text() == text, f"{path.name} differs; actual output in {new.name}"
-    new.unlink(missing_ok=True)
