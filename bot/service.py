@@ -117,24 +117,26 @@ class Services:
         # Load the policy before touching the database: a broken policy should stop start-up
         # with its problems listed, not after a migration.
         policy = load_policy(settings.policy_path)
+        # The connectors too: a GitHub App key that cannot be read is a settings error.
+        http = httpx.AsyncClient(
+            timeout=settings.callback_timeout,
+            follow_redirects=False,
+            headers={"user-agent": "Signoff/0.1"},
+        )
+        connectors = build_connectors(settings, http)
         engine = create_engine(settings.database_url)
         try:
             await ensure_schema(engine)
         except (OperationalError, DBAPIError, OSError) as exc:
             await engine.dispose()
+            await http.aclose()
             where = make_url(settings.database_url).render_as_string(hide_password=True)
             reason = redact_text(str(getattr(exc, "orig", exc)).splitlines()[0])
             raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
         sessions = sessionmaker(engine)
         baselines = Baselines(sessions)
         watch = StatusWatch()
-        http = httpx.AsyncClient(
-            timeout=settings.callback_timeout,
-            follow_redirects=False,
-            headers={"user-agent": "Signoff/0.1"},
-        )
         runner = TransactionRunner(engine)
-        connectors = build_connectors(settings, http)
         handlers: dict[str, Handler] = {
             connector.sync_kind: SyncBack(sessions, connector)
             for connector in connectors.values()

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     github_app_private_key: SecretStr | None = Field(
         None, validation_alias=_env("GITHUB_APP_PRIVATE_KEY")
     )
+    # The PEM file GitHub lets you download, instead of its text in GITHUB_APP_PRIVATE_KEY.
+    github_app_private_key_file: Path | None = Field(
+        None, validation_alias=_env("GITHUB_APP_PRIVATE_KEY_FILE")
+    )
     alertmanager_url: str | None = Field(None, validation_alias=_env("ALERTMANAGER_URL"))
 
     @field_validator("database_url")
@@ -138,6 +142,21 @@ class Settings(BaseSettings):
     @property
     def digest_channel_list(self) -> list[str]:
         return [c.strip() for c in (self.digest_channels or "").split(",") if c.strip()]
+
+    @field_validator("github_webhook_secret")
+    @classmethod
+    def _github_secret_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty secret would make every signature trivially forgeable.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("github_api_url")
+    @classmethod
+    def _github_api_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL, e.g. https://api.github.com")
+        return value.rstrip("/")
 
     @field_validator("log_level")
     @classmethod

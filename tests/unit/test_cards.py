@@ -35,10 +35,10 @@ from policies.gateway import Policy
 from policies.loader import load_policy, parse_policy
 from storage.models import EventRecord, Request, Vote
 from storage.requests import RequestView
+from tests.golden import assert_golden
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "connectors" / "webhook" / "fixtures"
-GOLDEN = Path(__file__).parent / "golden"
 DESIGN_POLICY = Path(__file__).parent / "policies" / "design_example.yaml"
 
 T0 = datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
@@ -173,25 +173,6 @@ def decided(status: str, **fields: Any) -> dict[str, Any]:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def assert_golden(name: str, value: dict[str, Any] | str) -> None:
-    """Compare with `golden/<name>.json` (or `.txt` for text); a missing or different golden file
-    fails the test and leaves the actual output as `<file>.new` for review."""
-    GOLDEN.mkdir(exist_ok=True)
-    if isinstance(value, str):
-        path, text = GOLDEN / f"{name}.txt", value
-    else:
-        path = GOLDEN / f"{name}.json"
-        text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
-    new = path.with_name(path.name + ".new")
-    if not path.exists():
-        new.write_text(text)
-        pytest.fail(f"no golden file {path.name}: wrote {new.name}; review it and rename it")
-    if path.read_text() != text:
-        new.write_text(text)
-        assert path.read_text() == text, f"{path.name} differs; actual output in {new.name}"
-    new.unlink(missing_ok=True)
 
 
 def mrkdwn_texts(payload: Any) -> Iterator[str]:
