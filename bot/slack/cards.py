@@ -63,6 +63,7 @@ __all__ = [
     "APPROVE_ACTION",
     "DETAILS_ACTION",
     "REJECT_ACTION",
+    "SILENCE_ACTION",
     "Card",
     "build_card",
     "button_value",
@@ -75,6 +76,7 @@ __all__ = [
 APPROVE_ACTION = "signoff_approve"
 REJECT_ACTION = "signoff_reject"
 DETAILS_ACTION = "signoff_details"
+SILENCE_ACTION = "signoff_silence"
 
 # Ours, not Slack's: the notification line is read on a lock screen.
 FALLBACK_TEXT_MAX = 300
@@ -176,20 +178,26 @@ def build_card(view: RequestView, *, now: datetime) -> Card:
         blocks.append(context(*timing))
     if not status.is_final:
         value = button_value(request.id, request.version)
-        blocks.append(
-            ActionsBlock(
-                elements=[
-                    button("Approve", APPROVE_ACTION, value, "primary"),
-                    button("Reject", REJECT_ACTION, value, "danger"),
-                    button("Details", DETAILS_ACTION, value),
-                ]
-            )
-        )
+        buttons = [
+            button("Approve", APPROVE_ACTION, value, "primary"),
+            button("Reject", REJECT_ACTION, value, "danger"),
+        ]
+        if offers_silence(facts):
+            buttons.append(button("Silence…", SILENCE_ACTION, value))
+        buttons.append(button("Details", DETAILS_ACTION, value))
+        blocks.append(ActionsBlock(elements=buttons))
     blocks.append(context(_footer(request, facts)))
     # Bounded by construction: at most 13 single blocks plus CARD_MAX_FIELDS / 10 field sections
     # and one overflow note.
     assert len(blocks) <= MESSAGE_MAX_BLOCKS
     return Card(blocks=blocks, text=_fallback_text(status, title))
+
+
+def offers_silence(facts: Facts) -> bool:
+    """An alert whose connector can silence it (Alertmanager, with ALERTMANAGER_URL set) put
+    the labels to match in its sync-back data; only then does the card offer a silence."""
+    silence = facts.mapping("sync").get("silence")
+    return isinstance(silence, Mapping) and bool(silence.get("labels"))
 
 
 def _fallback_text(status: RequestStatus, title: str) -> str:
@@ -295,7 +303,8 @@ def _needs_text(route: Route, votes: Sequence[Vote], status: RequestStatus) -> s
 def _outcome_text(request: Request, status: RequestStatus) -> str:
     text = outcome_line(request, status)
     reason = request.reason.strip()
-    if reason:
+    withdrawn = status is RequestStatus.cancelled and not request.superseded_by
+    if reason and not withdrawn:  # a withdrawal's reason is already the outcome line
         text += f"\n*Reason:* {reason_text(reason, 1000)}"
     return text
 
