@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -16,8 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from aiohttp import web
 
+from tests.conftest import reference
 from tests.support import free_port
 
 BINARY = os.environ.get("SIGNOFF_TEST_ALERTMANAGER", "")
@@ -68,7 +71,7 @@ class AlertmanagerStandIn:
         body = await request.json()
         silence = {"id": str(uuid.uuid4()), "status": {"state": "active"}, **body}
         self.silences.append(silence)
-        return web.json_response({"silenceID": silence["id"]})
+        return web.json_response(_silence_answer(silence["id"]))
 
     async def _get(self, request: web.Request) -> web.Response:
         refused = self._refused("GET")
@@ -109,22 +112,24 @@ class AlertmanagerStandIn:
 
 # --- the real binary ------------------------------------------------------------------------
 
-CONFIG = """\
-route:
-  receiver: signoff
-  group_by: ['alertname']
-  group_wait: 200ms
-  group_interval: 1s
-  repeat_interval: 1h
-receivers:
-  - name: signoff
-    webhook_configs:
-      - url: {url}
-        send_resolved: true
-        http_config:
-          authorization:
-            credentials: {token}
-"""
+
+def config(*, webhook_url: str, token: str) -> str:
+    """The config the reference capture used, with quick groups, pointed at `webhook_url` with
+    `token` as its bearer token."""
+    loaded = yaml.safe_load(reference("alertmanager", "am.yml").read_text())
+    loaded["route"].update(group_wait="200ms", group_interval="1s")
+    [receiver] = loaded["receivers"]
+    [hook] = receiver["webhook_configs"]
+    hook.update(url=webhook_url, http_config={"authorization": {"credentials": token}})
+    return yaml.safe_dump(loaded)
+
+
+def _silence_answer(silence_id: str) -> dict[str, Any]:
+    """Alertmanager 0.25's answer to a silence POST, with another id."""
+    real = reference("alertmanager", "am0.25_silence_post.resp.txt").read_text()
+    answer = json.loads(real.split("\n\n", 1)[1])
+    assert list(answer) == ["silenceID"]
+    return {"silenceID": silence_id}
 
 
 @dataclass
@@ -162,8 +167,8 @@ async def real_alertmanager(
     binary = Path(BINARY)
     if not binary.is_file():
         pytest.fail(f"SIGNOFF_TEST_ALERTMANAGER={BINARY} is not a file")
-    config = tmp_path / "alertmanager.yml"
-    config.write_text(CONFIG.format(url=webhook_url, token=token))
+    config_file = tmp_path / "alertmanager.yml"
+    config_file.write_text(config(webhook_url=webhook_url, token=token))
     port = port or free_port()
     log = tmp_path / "alertmanager.log"
     with log.open("wb") as out:
@@ -172,7 +177,7 @@ async def real_alertmanager(
         process = subprocess.Popen(
             [
                 str(binary),
-                f"--config.file={config}",
+                f"--config.file={config_file}",
                 f"--storage.path={tmp_path / 'alertmanager-data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--cluster.listen-address=",
