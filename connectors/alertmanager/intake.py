@@ -160,7 +160,8 @@ def _event(alert: Alert, notification: Notification, *, silences: bool, now: dat
         "alertname": alertname,
         "severity": severity,
         "labels": dict(labels),
-        "annotations": dict(annotations),
+        # Not the remediation URL: it may carry a credential, and only the sync-back needs it.
+        "annotations": {k: v for k, v in annotations.items() if k != REMEDIATION_ANNOTATION},
         "fingerprint": alert.fingerprint,
         "receiver": notification.receiver,
         "group_labels": dict(notification.group_labels),

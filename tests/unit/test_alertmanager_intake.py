@@ -102,8 +102,8 @@ def test_remediation_annotation_goes_to_sync_not_to_the_card() -> None:
     annotations["dashboard"] = "javascript:alert(1)"
     event = receive(encode(body), {}, token=None, silences=True).events[0]
     assert event.sync["remediation_url"] == "https://remediate.example/disk?sda1"
-    shown = json.dumps(event.model_dump(mode="json", exclude={"sync", "attributes"}))
-    assert "remediate.example" not in shown
+    shown = json.dumps(event.model_dump(mode="json", exclude={"sync"}))
+    assert "remediate.example" not in shown, "only the sync-back sees it (it may hold a token)"
     assert "javascript" in json.dumps(event.attributes)  # kept as data for policies
     assert all(str(link.url).startswith("http") for link in event.links)  # never a link
 
