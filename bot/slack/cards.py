@@ -194,10 +194,10 @@ def build_card(view: RequestView, *, now: datetime) -> Card:
 
 
 def offers_silence(facts: Facts) -> bool:
-    """An alert whose connector can silence it (Alertmanager, with ALERTMANAGER_URL set) put
-    the labels to match in its sync-back data; only then does the card offer a silence."""
-    silence = facts.mapping("sync").get("silence")
-    return isinstance(silence, Mapping) and bool(silence.get("labels"))
+    """Only an alert whose connector can silence it (Alertmanager with ALERTMANAGER_URL set)
+    says so in its sync-back data, next to the labels to match."""
+    sync = facts.mapping("sync")
+    return sync.get("silence") is True and bool(sync.get("labels"))
 
 
 def _fallback_text(status: RequestStatus, title: str) -> str:

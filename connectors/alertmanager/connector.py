@@ -118,8 +118,7 @@ class AlertmanagerConnector:
 
 
 def _labels(decision: FinalDecision) -> dict[str, str]:
-    silence = decision.sync.get("silence")
-    labels = silence.get("labels") if isinstance(silence, Mapping) else None
+    labels = decision.sync.get("labels")
     if not isinstance(labels, Mapping):
         return {}
     return {str(name): str(value) for name, value in labels.items()}

@@ -43,6 +43,8 @@ _RISK = {
     "none": Risk.low,
 }
 MAX_CONTEXT = 50
+# ContextField's limit; annotations (a long description) may be longer and are cut, not refused.
+CONTEXT_VALUE_MAX = 2000
 MAX_LINKS = 20
 
 _URL = TypeAdapter(AnyHttpUrl)
@@ -150,9 +152,12 @@ def _event(alert: Alert, notification: Notification, *, silences: bool, now: dat
     links, url_annotations = _links(alert, notification)
     shown = set(TITLE_ANNOTATIONS) | set(SUMMARY_ANNOTATIONS) | url_annotations
     context = [ContextField(label="Started", value=_when(alert.starts_at) or alert.starts_at)]
-    context += [ContextField(label=name, value=value) for name, value in sorted(labels.items())]
     context += [
-        ContextField(label=name, value=value)
+        ContextField(label=name, value=value[:CONTEXT_VALUE_MAX])
+        for name, value in sorted(labels.items())
+    ]
+    context += [
+        ContextField(label=name, value=value[:CONTEXT_VALUE_MAX])
         for name, value in sorted(annotations.items())
         if name not in shown and name != REMEDIATION_ANNOTATION
     ]
@@ -166,12 +171,17 @@ def _event(alert: Alert, notification: Notification, *, silences: bool, now: dat
         "receiver": notification.receiver,
         "group_labels": dict(notification.group_labels),
     }
+    # What the sync-back needs: the labels (a silence's matchers, the remediation call's
+    # context), whether a silence may be offered, and where to call for remediation. Empty when
+    # there is nothing to send back, so approving queues no job.
     sync: dict[str, Any] = {}
     if silences:
-        sync["silence"] = {"labels": dict(labels)}
+        sync["silence"] = True
     remediation = _http_url(annotations.get(REMEDIATION_ANNOTATION, ""))
     if remediation:
         sync["remediation_url"] = remediation
+    if sync:
+        sync["labels"] = dict(labels)
     try:
         return Event(
             source=NAME,

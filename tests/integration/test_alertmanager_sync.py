@@ -51,7 +51,7 @@ def decision(
         decided_by=[{"id": "UA1", "name": "ana"}],
         reason="ana: disk cleanup running",
         decided_at=datetime.now(UTC),
-        event={"title": "DiskRunningFull", "sync": {"silence": {"labels": LABELS}, **sync}},
+        event={"title": "DiskRunningFull", "sync": {"silence": True, "labels": LABELS, **sync}},
         votes=votes
         if votes is not None
         else [Voter("UA1", "ana", "approve", "disk cleanup running", {"silence": "4h"})],

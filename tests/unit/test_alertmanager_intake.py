@@ -52,7 +52,7 @@ def test_golden_firing() -> None:
     assert first.title == "DiskRunningFull: please check the instance example1"
     assert first.risk.value == "critical"
     assert first.attributes["labels"]["dev"] == "sda1"
-    assert first.sync == {"silence": {"labels": first.attributes["labels"]}}
+    assert first.sync == {"silence": True, "labels": first.attributes["labels"]}
     assert [link.title for link in first.links] == ["Source", "Alertmanager"]
     assert [link.title for link in second.links] == ["Alertmanager"]  # empty generatorURL
     assert not delivery.cancellations
@@ -102,10 +102,24 @@ def test_remediation_annotation_goes_to_sync_not_to_the_card() -> None:
     annotations["dashboard"] = "javascript:alert(1)"
     event = receive(encode(body), {}, token=None, silences=True).events[0]
     assert event.sync["remediation_url"] == "https://remediate.example/disk?sda1"
+    assert event.sync["labels"]["dev"] == "sda1"
+    without_url = receive(encode(body), {}, token=None, silences=False).events[0]
+    assert without_url.sync == {
+        "remediation_url": "https://remediate.example/disk?sda1",
+        "labels": event.sync["labels"],
+    }
     shown = json.dumps(event.model_dump(mode="json", exclude={"sync"}))
     assert "remediate.example" not in shown, "only the sync-back sees it (it may hold a token)"
     assert "javascript" in json.dumps(event.attributes)  # kept as data for policies
     assert all(str(link.url).startswith("http") for link in event.links)  # never a link
+
+
+def test_long_annotations_are_cut_not_refused() -> None:
+    body = payload()
+    body["alerts"][0]["annotations"]["details"] = "x" * 4000
+    event = receive(encode(body), {}, token=None, silences=True).events[0]
+    [details] = [field for field in event.context if field.label == "details"]
+    assert len(details.value) == 2000
 
 
 @pytest.mark.parametrize(
