@@ -5,6 +5,7 @@ silence is read back from Alertmanager; a resolved alert cancels its request and
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from bot.operator import show_request_command
 from bot.slack.cards import SILENCE_ACTION
 from connectors.alertmanager.silences import SilencesAPI
 from connectors.errors import TerminalSyncError
@@ -150,6 +152,13 @@ async def test_silence_vote_in_slack_creates_the_silence_in_alertmanager(
                 )
             assert vote.params == {"silence": "1h"}
             assert cast[0].data["params"] == {"silence": "1h"}
+
+            shown = io.StringIO()
+            await show_request_command(env.services.sessions, request.id, as_json=False, out=shown)
+            assert "UA1: approve, silence=1h (disk cleanup is running)" in shown.getvalue()
+            assert f"alertmanager.apply done after 1 attempt(s), got silence_id={silence_id}" in (
+                shown.getvalue()
+            )
 
 
 async def test_a_resolved_alert_cancels_its_request_and_the_card_says_so(
