@@ -208,35 +208,43 @@ def _long_sections(
     return blocks
 
 
-def build_reject_modal(view: RequestView, *, channel: str, ts: str) -> dict[str, Any]:
-    """Asks for the reason; the submission carries the request, the version shown and the card's
-    message, so the rejection is bound to what the approver saw and the card can be updated."""
-    facts = Facts.of(view)
-    request = view.request
-    metadata = json.dumps(
+def _card_metadata(request: Request, *, channel: str, ts: str) -> str:
+    """What a vote modal's submission carries: the request, the version shown and the card's
+    message, so the vote is bound to what the approver saw and the card can be updated."""
+    return json.dumps(
         {"r": request.id, "v": request.version, "c": channel, "ts": ts}, separators=(",", ":")
     )
+
+
+def _reason_input(placeholder: str) -> InputBlock:
+    return InputBlock(
+        block_id=REASON_BLOCK,
+        label=PlainTextObject(text="Reason"),
+        element=PlainTextInputElement(
+            action_id=REASON_ACTION,
+            multiline=True,
+            min_length=REASON_MIN,
+            max_length=REASON_MAX,
+            placeholder=PlainTextObject(text=placeholder),
+        ),
+        optional=False,
+    )
+
+
+def build_reject_modal(view: RequestView, *, channel: str, ts: str) -> dict[str, Any]:
+    """Asks for the reason of a reject."""
+    facts = Facts.of(view)
+    request = view.request
     modal = View(
         type="modal",
         callback_id=REJECT_CALLBACK,
         title=PlainTextObject(text=cut(MODAL_REJECT_TITLE, MODAL_TITLE_MAX)),
         submit=PlainTextObject(text="Reject"),
         close=PlainTextObject(text="Cancel"),
-        private_metadata=metadata,
+        private_metadata=_card_metadata(request, channel=channel, ts=ts),
         blocks=[
             section(f"Reject *{escape_mrkdwn(cut(facts.title(request), 500))}*?"),
-            InputBlock(
-                block_id=REASON_BLOCK,
-                label=PlainTextObject(text="Reason"),
-                element=PlainTextInputElement(
-                    action_id=REASON_ACTION,
-                    multiline=True,
-                    min_length=REASON_MIN,
-                    max_length=REASON_MAX,
-                    placeholder=PlainTextObject(text="Why is this rejected?"),
-                ),
-                optional=False,
-            ),
+            _reason_input("Why is this rejected?"),
         ],
     )
     return modal.to_dict()
@@ -253,9 +261,6 @@ def build_silence_modal(view: RequestView, *, channel: str, ts: str) -> dict[str
     submission is an approve vote carrying the duration, bound to the version shown."""
     facts = Facts.of(view)
     request = view.request
-    metadata = json.dumps(
-        {"r": request.id, "v": request.version, "c": channel, "ts": ts}, separators=(",", ":")
-    )
     options = [
         Option(value=key, text=PlainTextObject(text=_duration_label(key))) for key in DURATIONS
     ]
@@ -266,7 +271,7 @@ def build_silence_modal(view: RequestView, *, channel: str, ts: str) -> dict[str
         title=PlainTextObject(text=cut(MODAL_SILENCE_TITLE, MODAL_TITLE_MAX)),
         submit=PlainTextObject(text="Approve"),
         close=PlainTextObject(text="Cancel"),
-        private_metadata=metadata,
+        private_metadata=_card_metadata(request, channel=channel, ts=ts),
         blocks=[
             section(
                 f"Approve *{escape_mrkdwn(cut(facts.title(request), 500))}* and silence it in"
@@ -281,18 +286,7 @@ def build_silence_modal(view: RequestView, *, channel: str, ts: str) -> dict[str
                 ),
                 optional=False,
             ),
-            InputBlock(
-                block_id=REASON_BLOCK,
-                label=PlainTextObject(text="Reason"),
-                element=PlainTextInputElement(
-                    action_id=REASON_ACTION,
-                    multiline=True,
-                    min_length=REASON_MIN,
-                    max_length=REASON_MAX,
-                    placeholder=PlainTextObject(text="Why silence it? (kept as the comment)"),
-                ),
-                optional=False,
-            ),
+            _reason_input("Why silence it? (kept as the comment)"),
         ],
     )
     return modal.to_dict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -29,8 +30,8 @@ def describe_validation_error(exc: ValidationError, *, limit: int = 3) -> str:
     return "; ".join(parts)
 
 
-def parse_body(body: bytes) -> EventBody:
-    """Raise MalformedPayload naming the field; never let a parser error escape as a 500."""
+def load_object(body: bytes) -> dict[str, Any]:
+    """A JSON object body, or MalformedPayload saying why not; never a parser error as a 500."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -42,6 +43,12 @@ def parse_body(body: bytes) -> EventBody:
     if _contains_nul(data):
         # PostgreSQL cannot store U+0000 in text or JSONB; refuse it here, not at commit time.
         raise MalformedPayload("strings must not contain U+0000")
+    return data
+
+
+def parse_body(body: bytes) -> EventBody:
+    """Raise MalformedPayload naming the field."""
+    data = load_object(body)
     try:
         return EventBody.model_validate(data)
     except ValidationError as exc:

@@ -150,6 +150,7 @@ def test_no_alerts_is_acknowledged_and_ignored() -> None:
         (lambda b: b["alerts"][0].pop("fingerprint"), "alerts.0.fingerprint"),
         (lambda b: b["alerts"][0].update(startsAt="yesterday"), "startsAt"),
         (lambda b: b["alerts"][0]["labels"].update(x="a\x00b"), "U\\+0000"),
+        (lambda b: b["alerts"][0]["labels"].update(x="a" * 5000), "alerts.0.labels.x"),
     ],
 )
 def test_malformed_names_the_field(change: Any, message: str) -> None:
