@@ -11,6 +11,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from bot.settings import Settings, SettingsError
+from connectors.alertmanager.connector import AlertmanagerConnector
 from connectors.base import Connector
 from connectors.github.app_auth import load_private_key
 from connectors.github.connector import GitHubConnector
@@ -20,9 +21,10 @@ from connectors.webhook.connector import WebhookConnector
 def build_connectors(settings: Settings, http: httpx.AsyncClient) -> dict[str, Connector]:
     """Every configured connector by name. The generic webhook one is always on."""
     assert settings.webhook_secret is not None  # required at start-up
+    secret = settings.webhook_secret.get_secret_value()
     built: list[Connector] = [
         WebhookConnector(
-            secret=settings.webhook_secret.get_secret_value(),
+            secret=secret,
             tolerance_seconds=settings.webhook_tolerance,
             client=http,
             timeout=settings.callback_timeout,
@@ -30,6 +32,20 @@ def build_connectors(settings: Settings, http: httpx.AsyncClient) -> dict[str, C
     ]
     if settings.github_webhook_secret is not None:
         built.append(_github(settings, http))
+    # Alertmanager: the hook is on with either setting. ALERTMANAGER_URL is what silences are
+    # created through; without it alerts still get cards (and remediation callbacks), but no
+    # card offers a silence. The token, when set, is required on every delivery.
+    token = settings.alertmanager_webhook_token
+    if settings.alertmanager_url is not None or token is not None:
+        built.append(
+            AlertmanagerConnector(
+                client=http,
+                timeout=settings.callback_timeout,
+                callback_secret=secret,
+                api_url=settings.alertmanager_url,
+                token=token.get_secret_value() if token is not None else None,
+            )
+        )
     return {connector.name: connector for connector in built}
 
 

@@ -105,7 +105,9 @@ async def show_request_command(
         out.write("  votes:\n")
         for vote in data["votes"]:
             reason = f" ({vote['reason']})" if vote["reason"] else ""
-            out.write(f"    {vote['user_name'] or vote['user_id']}: {vote['choice']}{reason}\n")
+            picked = "".join(f", {k}={v}" for k, v in sorted((vote["params"] or {}).items()))
+            who = vote["user_name"] or vote["user_id"]
+            out.write(f"    {who}: {vote['choice']}{picked}{reason}\n")
     out.write("  sync-back:\n" if data["sync"] else "  sync-back: none\n")
     for job in data["sync"]:
         line = (

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
         None, validation_alias=_env("GITHUB_APP_PRIVATE_KEY_FILE")
     )
     alertmanager_url: str | None = Field(None, validation_alias=_env("ALERTMANAGER_URL"))
+    alertmanager_webhook_token: SecretStr | None = Field(
+        None, validation_alias=_env("ALERTMANAGER_WEBHOOK_TOKEN")
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -157,6 +160,22 @@ class Settings(BaseSettings):
         if not value.startswith(("https://", "http://")):
             raise ValueError("must be an http(s) URL, e.g. https://api.github.com")
         return value.rstrip("/")
+
+    @field_validator("alertmanager_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")) or len(value) > 2000:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("alertmanager_webhook_token")
+    @classmethod
+    def _long_enough_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 16:
+            raise ValueError("must be at least 16 characters (the value is not shown)")
+        return value
 
     @field_validator("log_level")
     @classmethod

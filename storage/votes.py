@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -68,6 +68,9 @@ class Ballot:
     is_actor: bool = False
     in_actor_team: bool = False
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # What the voter picked beyond yes or no (`{"silence": "4h"}` on an alert), kept with the
+    # vote (`Vote.params`) for the sync-back and audited with it.
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ def cast(session: Session, ballot: Ballot, jobs: SlackJobs) -> VoteResult:
             choice=ballot.choice.value,
             reason=ballot.reason,
             groups=counted,
+            params=dict(ballot.params) or None,
             created_at=ballot.now,
         )
         .returning(table_of(Vote).c.id)
@@ -182,6 +186,7 @@ def cast(session: Session, ballot: Ballot, jobs: SlackJobs) -> VoteResult:
                 "counted_for": counted,
                 "progress": [list(t) for t in tally],
                 "shown": _snapshot(event),
+                **({"params": dict(ballot.params)} if ballot.params else {}),
             },
             request_id=request.id,
             event_id=event.id,
@@ -275,6 +280,7 @@ def refusal_entry(ballot: Ballot, refusal: Refusal, *, detail: str = "") -> Audi
             "version": ballot.version,
             "refusal": refusal.name,
             "detail": detail,
+            **({"params": dict(ballot.params)} if ballot.params else {}),
         },
         request_id=ballot.request_id,
         at=ballot.now,

@@ -58,14 +58,25 @@ def block_action(
     return urlencode({"payload": json.dumps(payload)})
 
 
-def view_submission(*, callback_id: str, metadata: str, reason: str | None, user: str) -> str:
+def view_submission(
+    *,
+    callback_id: str,
+    metadata: str,
+    reason: str | None,
+    user: str,
+    values: dict[str, Any] | None = None,
+) -> str:
+    """A view_submission payload; `values` adds input blocks' states next to the reason's."""
     payload = copy.deepcopy(_shape("test_view_submission__body.json"))
     payload["user"] = {"id": user, "username": user, "name": user, "team_id": "T111"}
     view = payload["view"]
     view["callback_id"] = callback_id
     view["private_metadata"] = metadata
     view["state"] = {
-        "values": {"reason": {"reason": {"type": "plain_text_input", "value": reason}}}
+        "values": {
+            "reason": {"reason": {"type": "plain_text_input", "value": reason}},
+            **(values or {}),
+        }
     }
     return urlencode({"payload": json.dumps(payload)})
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -20,19 +20,30 @@ from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.slack.cards import APPROVE_ACTION, DETAILS_ACTION, REJECT_ACTION, parse_button_value
+from bot.slack.cards import (
+    APPROVE_ACTION,
+    DETAILS_ACTION,
+    REJECT_ACTION,
+    SILENCE_ACTION,
+    parse_button_value,
+)
 from bot.slack.clicks import Click, ClickService
 from bot.slack.client import SlackFailure
 from bot.slack.modals import (
+    DURATION_ACTION,
+    DURATION_BLOCK,
     REASON_ACTION,
     REASON_BLOCK,
     REASON_MIN,
     REJECT_CALLBACK,
+    SILENCE_CALLBACK,
     build_details_modal,
     build_reject_modal,
+    build_silence_modal,
 )
+from connectors.alertmanager.silences import DURATIONS
 from storage.errors import NotFound
-from storage.requests import get_request
+from storage.requests import RequestView, get_request
 from storage.votes import Choice, Refusal
 
 log = logging.getLogger(__name__)
@@ -49,12 +60,30 @@ def _user(body: dict[str, Any]) -> tuple[str, str]:
     return str(user.get("id", "")), str(user.get("name") or user.get("username") or "")
 
 
+def _submitted(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(private metadata, state values) of a modal submission; {} for anything not ours."""
+    view = body.get("view") or {}
+    try:
+        meta = json.loads(view.get("private_metadata") or "{}")
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        meta = {}  # not ours: the vote is refused as not found
+    values = (view.get("state") or {}).get("values") or {}
+    return meta, values if isinstance(values, dict) else {}
+
+
 def _where(body: dict[str, Any]) -> tuple[str, str]:
     """(channel, message ts) of the card a button was clicked on."""
     container = body.get("container") or {}
     channel = container.get("channel_id") or (body.get("channel") or {}).get("id", "")
     ts = container.get("message_ts") or (body.get("message") or {}).get("ts", "")
     return str(channel), str(ts)
+
+
+def _reason(values: dict[str, Any]) -> str:
+    entered = (values.get(REASON_BLOCK, {}).get(REASON_ACTION, {}) or {}).get("value") or ""
+    return str(entered).strip()
 
 
 class _WithoutTokenNotice(logging.Filter):
@@ -91,7 +120,9 @@ class SlackBot:
         self.app.action(APPROVE_ACTION)(self._on_approve)
         self.app.action(REJECT_ACTION)(self._on_reject)
         self.app.action(DETAILS_ACTION)(self._on_details)
+        self.app.action(SILENCE_ACTION)(self._on_silence)
         self.app.view(REJECT_CALLBACK)(self._on_reject_reason)
+        self.app.view(SILENCE_CALLBACK)(self._on_silence_choice)
         self.app.command("/signoff")(self._on_command)
         self.app.event("app_uninstalled")(self._on_uninstalled)
         self.app.event("tokens_revoked")(self._on_uninstalled)
@@ -146,7 +177,21 @@ class SlackBot:
             self._tell(body, f":no_entry: {outcome.value}. Nothing was changed.")
 
     async def _on_reject(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        click = self._click(body, Choice.reject)
+        await self._ask(ack, body, Choice.reject, build_reject_modal)
+
+    async def _on_silence(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await self._ask(ack, body, Choice.approve, build_silence_modal)
+
+    async def _ask(
+        self,
+        ack: AsyncAck,
+        body: dict[str, Any],
+        choice: Choice,
+        build: Callable[..., dict[str, Any]],
+    ) -> None:
+        """Open the modal that completes this vote, unless the click would be refused anyway:
+        nobody types a reason for a click that cannot count."""
+        click = self._click(body, choice)
         await ack()
         if click is None:
             self._tell(body, "This button is not one of Signoff's.")
@@ -157,8 +202,8 @@ class SlackBot:
             return
         channel, ts = _where(body)
         async with self._sessions() as session:
-            view = await get_request(session, click.request_id)
-        modal = build_reject_modal(view, channel=channel, ts=ts)
+            view: RequestView = await get_request(session, click.request_id)
+        modal = build(view, channel=channel, ts=ts)
         self._later(self._open(str(body.get("trigger_id", "")), modal))
 
     async def _open(self, trigger_id: str, view: dict[str, Any]) -> None:
@@ -178,29 +223,48 @@ class SlackBot:
         self._later(self._open(str(body.get("trigger_id", "")), build_details_modal(view)))
 
     async def _on_reject_reason(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        view = body.get("view") or {}
-        try:
-            meta = json.loads(view.get("private_metadata") or "{}")
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict):
-            meta = {}  # not ours: the vote below is refused as not found
-        reason = (
-            ((view.get("state") or {}).get("values") or {})
-            .get(REASON_BLOCK, {})
-            .get(REASON_ACTION, {})
-        ).get("value") or ""
-        if len(reason.strip()) < REASON_MIN:
+        meta, values = _submitted(body)
+        reason = _reason(values)
+        if len(reason) < REASON_MIN:
             await ack(response_action="errors", errors={REASON_BLOCK: "Say why, in a few words."})
             return
+        await self._vote_from_modal(ack, body, meta, Choice.reject, reason)
+
+    async def _on_silence_choice(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        meta, values = _submitted(body)
+        picked = (
+            values.get(DURATION_BLOCK, {}).get(DURATION_ACTION, {}).get("selected_option") or {}
+        ).get("value")
+        if picked not in DURATIONS:
+            # Slack only sends the options we offered; anything else was not typed in our modal.
+            await ack(response_action="errors", errors={DURATION_BLOCK: "Pick a duration."})
+            return
+        reason = _reason(values)
+        if len(reason) < REASON_MIN:
+            await ack(response_action="errors", errors={REASON_BLOCK: "Say why, in a few words."})
+            return
+        await self._vote_from_modal(
+            ack, body, meta, Choice.approve, reason, params={"silence": picked}
+        )
+
+    async def _vote_from_modal(
+        self,
+        ack: AsyncAck,
+        body: dict[str, Any],
+        meta: dict[str, Any],
+        choice: Choice,
+        reason: str,
+        params: dict[str, Any] | None = None,
+    ) -> None:
         user_id, user_name = _user(body)
         click = Click(
             str(meta.get("r", "")),
             str(meta.get("v", "")),
             user_id,
             user_name,
-            Choice.reject,
-            reason.strip(),
+            choice,
+            reason,
+            params or {},
         )
         outcome = await self._clicks.vote(click)
         if isinstance(outcome, Refusal):

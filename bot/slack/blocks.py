@@ -237,6 +237,9 @@ def outcome_line(request: Request, status: RequestStatus) -> str:
     if status is RequestStatus.cancelled:
         if request.superseded_by:
             why = f"superseded by `{escape_mrkdwn(request.superseded_by)}` (a newer version)"
+        elif request.reason.strip():
+            # The source's own words, e.g. "alert resolved at ...": what a reader needs first.
+            why = f"{reason_text(request.reason, 300)} (withdrawn by the source)"
         else:
             why = "withdrawn by the source"
         return f"{emoji} *{word}*{when}: {why}"
@@ -301,6 +304,9 @@ def vote_line(vote: Vote) -> str:
     emoji = ":white_check_mark:" if approve else ":x:"
     verb = "approved" if approve else "rejected"
     line = f"{emoji} {_person(vote.user_id, vote.user_name)} {verb} {date(aware(vote.created_at))}"
+    silence = (vote.params or {}).get("silence") if approve else None
+    if isinstance(silence, str) and silence:
+        line += f" with a {escape_mrkdwn(cut(silence, 20))} silence"
     if vote.reason.strip():
         line += f": “{reason_text(vote.reason, VOTE_REASON_MAX)}”"
     return line

@@ -73,6 +73,7 @@ __all__ = [
     "APPROVE_ACTION",
     "DETAILS_ACTION",
     "REJECT_ACTION",
+    "SILENCE_ACTION",
     "Card",
     "build_card",
     "button_value",
@@ -85,6 +86,7 @@ __all__ = [
 APPROVE_ACTION = "signoff_approve"
 REJECT_ACTION = "signoff_reject"
 DETAILS_ACTION = "signoff_details"
+SILENCE_ACTION = "signoff_silence"
 
 # Ours, not Slack's: the notification line is read on a lock screen.
 FALLBACK_TEXT_MAX = 300
@@ -186,20 +188,26 @@ def build_card(view: RequestView, *, now: datetime) -> Card:
         blocks.append(context(*timing))
     if not status.is_final:
         value = button_value(request.id, request.version)
-        blocks.append(
-            ActionsBlock(
-                elements=[
-                    button("Approve", APPROVE_ACTION, value, "primary"),
-                    button("Reject", REJECT_ACTION, value, "danger"),
-                    button("Details", DETAILS_ACTION, value),
-                ]
-            )
-        )
+        buttons = [
+            button("Approve", APPROVE_ACTION, value, "primary"),
+            button("Reject", REJECT_ACTION, value, "danger"),
+        ]
+        if offers_silence(facts):
+            buttons.append(button("Silence…", SILENCE_ACTION, value))
+        buttons.append(button("Details", DETAILS_ACTION, value))
+        blocks.append(ActionsBlock(elements=buttons))
     blocks.append(context(_footer(request, facts)))
     # Bounded by construction: at most 13 single blocks plus CARD_MAX_FIELDS / 10 field sections
     # and one overflow note.
     assert len(blocks) <= MESSAGE_MAX_BLOCKS
     return Card(blocks=blocks, text=_fallback_text(status, title))
+
+
+def offers_silence(facts: Facts) -> bool:
+    """Only an alert whose connector can silence it (Alertmanager with ALERTMANAGER_URL set)
+    says so in its sync-back data, next to the labels to match."""
+    sync = facts.mapping("sync")
+    return sync.get("silence") is True and bool(sync.get("labels"))
 
 
 def _fallback_text(status: RequestStatus, title: str) -> str:
@@ -305,7 +313,8 @@ def _needs_text(route: Route, votes: Sequence[Vote], status: RequestStatus) -> s
 def _outcome_text(request: Request, status: RequestStatus) -> str:
     text = outcome_line(request, status)
     reason = request.reason.strip()
-    if reason:
+    withdrawn = status is RequestStatus.cancelled and not request.superseded_by
+    if reason and not withdrawn:  # a withdrawal's reason is already the outcome line
         text += f"\n*Reason:* {reason_text(reason, 1000)}"
     return text
 

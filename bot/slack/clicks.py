@@ -6,8 +6,8 @@ Listeners call this and nothing else, so authorization and auditing are not copi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,8 @@ class Click:
     user_name: str
     choice: Choice
     reason: str = ""
+    # What the clicker picked beyond yes or no (a silence duration).
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     def ballot(
         self, groups: Sequence[str] = (), *, is_actor: bool = False, in_actor_team: bool = False
@@ -47,6 +49,7 @@ class Click:
             is_actor=is_actor,
             in_actor_team=in_actor_team,
             now=datetime.now(UTC),
+            params=self.params,
         )
 
 

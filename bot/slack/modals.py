@@ -1,5 +1,5 @@
-"""The two modals a card opens: Details (the whole event and decision trace) and the reject
-modal that asks for a reason.
+"""The modals a card opens: Details (the whole event and decision trace), the reject modal that
+asks for a reason, and the silence modal (alerts) that asks for a duration and a reason.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from slack_sdk.models.blocks import (
     HeaderBlock,
     InputBlock,
     MarkdownTextObject,
+    Option,
     PlainTextInputElement,
     PlainTextObject,
+    StaticSelectElement,
 )
 from slack_sdk.models.views import View
 
@@ -37,15 +39,20 @@ from bot.slack.blocks import (
     votes_text,
 )
 from bot.slack.mrkdwn import chunks_mrkdwn, cut, escape_mrkdwn, join_within, link
+from connectors.alertmanager.silences import DURATIONS
 from storage.models import Request
 from storage.requests import RequestView
 
 __all__ = [
+    "DURATION_ACTION",
+    "DURATION_BLOCK",
     "REASON_ACTION",
     "REASON_BLOCK",
     "REJECT_CALLBACK",
+    "SILENCE_CALLBACK",
     "build_details_modal",
     "build_reject_modal",
+    "build_silence_modal",
 ]
 
 REJECT_CALLBACK = "signoff_reject_reason"
@@ -53,10 +60,17 @@ REASON_BLOCK = "reason"
 REASON_ACTION = "reason"
 REASON_MIN = 3
 REASON_MAX = 2000
+SILENCE_CALLBACK = "signoff_silence_choice"
+DURATION_BLOCK = "duration"
+DURATION_ACTION = "duration"
+# The default pick: long enough to fix most things, short enough not to forget the silence.
+DEFAULT_DURATION = "4h"
+_UNITS = {"h": "hour", "d": "day"}
 
 MODAL_CONTEXT_SECTIONS = 25
 MODAL_TITLE = "Signoff request"
 MODAL_REJECT_TITLE = "Reject request"
+MODAL_SILENCE_TITLE = "Approve and silence"
 
 
 def build_details_modal(view: RequestView) -> dict[str, Any]:
@@ -194,35 +208,85 @@ def _long_sections(
     return blocks
 
 
-def build_reject_modal(view: RequestView, *, channel: str, ts: str) -> dict[str, Any]:
-    """Asks for the reason; the submission carries the request, the version shown and the card's
-    message, so the rejection is bound to what the approver saw and the card can be updated."""
-    facts = Facts.of(view)
-    request = view.request
-    metadata = json.dumps(
+def _card_metadata(request: Request, *, channel: str, ts: str) -> str:
+    """What a vote modal's submission carries: the request, the version shown and the card's
+    message, so the vote is bound to what the approver saw and the card can be updated."""
+    return json.dumps(
         {"r": request.id, "v": request.version, "c": channel, "ts": ts}, separators=(",", ":")
     )
+
+
+def _reason_input(placeholder: str) -> InputBlock:
+    return InputBlock(
+        block_id=REASON_BLOCK,
+        label=PlainTextObject(text="Reason"),
+        element=PlainTextInputElement(
+            action_id=REASON_ACTION,
+            multiline=True,
+            min_length=REASON_MIN,
+            max_length=REASON_MAX,
+            placeholder=PlainTextObject(text=placeholder),
+        ),
+        optional=False,
+    )
+
+
+def build_reject_modal(view: RequestView, *, channel: str, ts: str) -> dict[str, Any]:
+    """Asks for the reason of a reject."""
+    facts = Facts.of(view)
+    request = view.request
     modal = View(
         type="modal",
         callback_id=REJECT_CALLBACK,
         title=PlainTextObject(text=cut(MODAL_REJECT_TITLE, MODAL_TITLE_MAX)),
         submit=PlainTextObject(text="Reject"),
         close=PlainTextObject(text="Cancel"),
-        private_metadata=metadata,
+        private_metadata=_card_metadata(request, channel=channel, ts=ts),
         blocks=[
             section(f"Reject *{escape_mrkdwn(cut(facts.title(request), 500))}*?"),
+            _reason_input("Why is this rejected?"),
+        ],
+    )
+    return modal.to_dict()
+
+
+def _duration_label(key: str) -> str:
+    """`4h` as "4 hours"."""
+    count, unit = int(key[:-1]), _UNITS[key[-1]]
+    return f"{count} {unit}{'s' if count != 1 else ''}"
+
+
+def build_silence_modal(view: RequestView, *, channel: str, ts: str) -> dict[str, Any]:
+    """Approve with a silence: how long, and why (the silence's comment in Alertmanager). The
+    submission is an approve vote carrying the duration, bound to the version shown."""
+    facts = Facts.of(view)
+    request = view.request
+    options = [
+        Option(value=key, text=PlainTextObject(text=_duration_label(key))) for key in DURATIONS
+    ]
+    initial = next(option for option in options if option.value == DEFAULT_DURATION)
+    modal = View(
+        type="modal",
+        callback_id=SILENCE_CALLBACK,
+        title=PlainTextObject(text=cut(MODAL_SILENCE_TITLE, MODAL_TITLE_MAX)),
+        submit=PlainTextObject(text="Approve"),
+        close=PlainTextObject(text="Cancel"),
+        private_metadata=_card_metadata(request, channel=channel, ts=ts),
+        blocks=[
+            section(
+                f"Approve *{escape_mrkdwn(cut(facts.title(request), 500))}* and silence it in"
+                " Alertmanager: a silence matching exactly this alert's labels, created once the"
+                " request is approved. If approvers pick different durations, the shortest wins."
+            ),
             InputBlock(
-                block_id=REASON_BLOCK,
-                label=PlainTextObject(text="Reason"),
-                element=PlainTextInputElement(
-                    action_id=REASON_ACTION,
-                    multiline=True,
-                    min_length=REASON_MIN,
-                    max_length=REASON_MAX,
-                    placeholder=PlainTextObject(text="Why is this rejected?"),
+                block_id=DURATION_BLOCK,
+                label=PlainTextObject(text="Silence for"),
+                element=StaticSelectElement(
+                    action_id=DURATION_ACTION, options=options, initial_option=initial
                 ),
                 optional=False,
             ),
+            _reason_input("Why silence it? (kept as the comment)"),
         ],
     )
     return modal.to_dict()

@@ -31,7 +31,7 @@ def describe_validation_error(exc: ValidationError, *, limit: int = 3) -> str:
 
 
 def json_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or MalformedPayload saying why not (never a parser error)."""
+    """A JSON object body, or MalformedPayload saying why not; never a parser error as a 500."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -43,12 +43,17 @@ def json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_body(body: bytes) -> EventBody:
-    """Raise MalformedPayload naming the field; never let a parser error escape as a 500."""
-    data = json_object(body)
+def refuse_nul(data: dict[str, Any]) -> dict[str, Any]:
+    """PostgreSQL cannot store U+0000 in text or JSONB: refuse it here, not at commit time.
+    (A connector whose source may send it in free text can drop it instead, as GitHub's does.)"""
     if _contains_nul(data):
-        # PostgreSQL cannot store U+0000 in text or JSONB; refuse it here, not at commit time.
         raise MalformedPayload("strings must not contain U+0000")
+    return data
+
+
+def parse_body(body: bytes) -> EventBody:
+    """Raise MalformedPayload naming the field."""
+    data = refuse_nul(json_object(body))
     try:
         return EventBody.model_validate(data)
     except ValidationError as exc:

@@ -169,3 +169,26 @@ async def test_concurrent_last_votes_from_two_replicas(db_url: str, engine) -> N
         for replica in replicas:
             replica.close()
             await replica._engine.dispose()
+
+
+async def test_what_a_voter_picked_is_kept_audited_and_reaches_the_sync_back(
+    runner: TransactionRunner, sessions
+) -> None:
+    from storage.models import Vote
+    from storage.requests import get_decision
+
+    request_id = await new_request(runner)
+    await vote(runner, ballot(request_id, "U1", ["leads"], params={"silence": "4h"}, reason="ok"))
+    await vote(runner, ballot(request_id, "U2", ["leads"]))
+    async with sessions() as session:
+        params = dict((await session.execute(select(Vote.user_id, Vote.params))).all())
+        audited = [
+            record.data
+            for record in await session.scalars(
+                select(AuditRecord).where(AuditRecord.kind == "vote.cast").order_by(AuditRecord.seq)
+            )
+        ]
+        decision = await get_decision(session, request_id, idempotency_key="k")
+    assert params == {"U1": {"silence": "4h"}, "U2": None}
+    assert [data.get("params") for data in audited] == [{"silence": "4h"}, None]
+    assert [dict(v.params) for v in decision.votes] == [{"silence": "4h"}, {}]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bot.settings import SettingsError, load_settings
@@ -13,7 +15,13 @@ GOOD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)  # no stray .env
-    for name in ("SIGNOFF_PORT", "SIGNOFF_DATABASE_URL", "SIGNOFF_WEBHOOK_SECRET"):
+    for name in (
+        "SIGNOFF_PORT",
+        "SIGNOFF_DATABASE_URL",
+        "SIGNOFF_WEBHOOK_SECRET",
+        "ALERTMANAGER_URL",
+        "ALERTMANAGER_WEBHOOK_TOKEN",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -42,6 +50,12 @@ def test_reads_dotenv(tmp_path) -> None:
             "invalid setting SIGNOFF_WEBHOOK_SECRET: must decode to at least 16 bytes",
         ),
         ("SIGNOFF_LOG_LEVEL", "LOUD", "invalid setting SIGNOFF_LOG_LEVEL"),
+        ("ALERTMANAGER_URL", "alertmanager:9093", "invalid setting ALERTMANAGER_URL"),
+        (
+            "ALERTMANAGER_WEBHOOK_TOKEN",
+            "short-SECRET",
+            "invalid setting ALERTMANAGER_WEBHOOK_TOKEN",
+        ),
     ],
 )
 def test_invalid_setting_is_one_line_naming_it(
@@ -53,7 +67,7 @@ def test_invalid_setting_is_one_line_naming_it(
     message = str(caught.value)
     assert message.startswith(expected)
     assert "\n" not in message
-    if "SECRET" in name:
+    if "SECRET" in name or "TOKEN" in name:
         assert value not in message, "a secret's value must never be echoed"
 
 
@@ -92,3 +106,33 @@ def test_redact_text_and_url() -> None:
     assert redact_text("secret whsec_MfKQ9r8GKYqrTwjUPD8I") == f"secret {MASK}"
     url = redact_url("http://u:p@127.0.0.1:9000/cb?sig=abc&x=1")
     assert url == f"http://{MASK}@127.0.0.1:9000/cb?sig={MASK}&x={MASK}"
+
+
+@pytest.mark.parametrize(
+    ("env", "on", "silences"),
+    [
+        ({}, False, False),
+        ({"ALERTMANAGER_URL": "http://127.0.0.1:9093"}, True, True),
+        ({"ALERTMANAGER_WEBHOOK_TOKEN": "t" * 16}, True, False),
+    ],
+)
+async def test_alertmanager_is_on_with_either_setting(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], on: bool, silences: bool
+) -> None:
+    import httpx
+
+    from bot.connectors import build_connectors
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(SIGNOFF_WEBHOOK_SECRET=GOOD_SECRET)
+    async with httpx.AsyncClient() as client:
+        connectors = build_connectors(settings, client)
+        assert ("alertmanager" in connectors) is on
+        if on:
+            firing = (
+                Path(__file__).resolve().parents[2] / "connectors/alertmanager/fixtures/firing.json"
+            ).read_bytes()
+            headers = {"Authorization": f"Bearer {'t' * 16}"}
+            delivery = await connectors["alertmanager"].receive(body=firing, headers=headers)
+            assert ("silence" in delivery.events[0].sync) is silences
