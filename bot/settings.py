@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,10 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.errors import SignoffError
+
+# A Slack user id as Slack writes it (U0CFO, W012A3CDE); checked so a typo such as a display
+# name fails at start-up instead of silently letting nobody replay.
+_SLACK_USER_ID = re.compile(r"^[UW][A-Z0-9]+$")
 
 
 def _env(name: str) -> AliasChoices:
@@ -72,6 +77,8 @@ class Settings(BaseSettings):
     slack_group_ttl: Annotated[float, Field(ge=0, le=86400)] = Field(
         300.0, validation_alias=_env("SIGNOFF_SLACK_GROUP_TTL")
     )
+    # Slack user ids allowed to `/signoff replay`, comma-separated; empty: nobody.
+    operators: str = Field("", validation_alias=_env("SIGNOFF_OPERATORS"))
 
     github_webhook_secret: SecretStr | None = Field(
         None, validation_alias=_env("GITHUB_WEBHOOK_SECRET")
@@ -106,6 +113,19 @@ class Settings(BaseSettings):
         if len(key) < 16:
             raise ValueError("must decode to at least 16 bytes of key (the value is not shown)")
         return value
+
+    @field_validator("operators")
+    @classmethod
+    def _slack_user_ids(cls, value: str) -> str:
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        bad = [part for part in ids if not _SLACK_USER_ID.match(part)]
+        if bad:
+            raise ValueError(f"must be Slack user ids (U… or W…), comma-separated; not {bad[0]!r}")
+        return ",".join(ids)
+
+    @property
+    def operator_ids(self) -> frozenset[str]:
+        return frozenset(self.operators.split(",")) - {""}
 
     @field_validator("log_level")
     @classmethod

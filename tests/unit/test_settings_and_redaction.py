@@ -13,7 +13,12 @@ GOOD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)  # no stray .env
-    for name in ("SIGNOFF_PORT", "SIGNOFF_DATABASE_URL", "SIGNOFF_WEBHOOK_SECRET"):
+    for name in (
+        "SIGNOFF_PORT",
+        "SIGNOFF_DATABASE_URL",
+        "SIGNOFF_WEBHOOK_SECRET",
+        "SIGNOFF_OPERATORS",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -42,6 +47,12 @@ def test_reads_dotenv(tmp_path) -> None:
             "invalid setting SIGNOFF_WEBHOOK_SECRET: must decode to at least 16 bytes",
         ),
         ("SIGNOFF_LOG_LEVEL", "LOUD", "invalid setting SIGNOFF_LOG_LEVEL"),
+        (
+            "SIGNOFF_OPERATORS",
+            "U0OPS, @dana",
+            "invalid setting SIGNOFF_OPERATORS: must be Slack user ids (U… or W…), comma-separated;"
+            " not '@dana'",
+        ),
     ],
 )
 def test_invalid_setting_is_one_line_naming_it(
@@ -55,6 +66,12 @@ def test_invalid_setting_is_one_line_naming_it(
     assert "\n" not in message
     if "SECRET" in name:
         assert value not in message, "a secret's value must never be echoed"
+
+
+def test_operators_are_a_set_of_slack_user_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().operator_ids == frozenset(), "empty: nobody may replay from Slack"
+    monkeypatch.setenv("SIGNOFF_OPERATORS", " U0OPS,W0LEAD , ")
+    assert load_settings().operator_ids == {"U0OPS", "W0LEAD"}
 
 
 def test_required_setting_is_named() -> None:
