@@ -101,6 +101,20 @@ class Directory:
                 self._handles = {g["handle"]: g["id"] for g in groups if "handle" in g}
         return self._handles.get(handle)
 
+    def known_user_for(self, *, actor_id: str, email: str) -> str | None:
+        """`slack_user_for` from what is known without asking Slack: the map, an actor id that
+        is a Slack id, an email looked up before (and still fresh)."""
+        if actor_id in self._actor_map:
+            return self._actor_map[actor_id]
+        if email in self._actor_map:
+            return self._actor_map[email]
+        if is_user_id(actor_id):
+            return actor_id
+        cached = self._emails.get(email) if email else None
+        if cached is not None and self._clock() - cached[1] <= self._ttl:
+            return cached[0]
+        return None
+
     async def slack_user_for(self, *, actor_id: str, email: str) -> str | None:
         """The Slack user who is the event's actor, if one can be found."""
         if actor_id in self._actor_map:
