@@ -190,10 +190,6 @@ def _trace_text(rule: str, decision: Mapping[str, Any]) -> str:
 
 def _jobs_text(view: RequestView, status: RequestStatus) -> str:
     request = view.request
-    if not view.jobs:
-        if request.sync_kind is None:
-            return "*Sync-back:* none (the source asked for no answer)"
-        return "*Sync-back:* not yet queued (queued when the request is decided)"
     lines = []
     for job in view.jobs:
         role = "sync-back" if job.kind == request.sync_kind else escape_mrkdwn(job.kind)
@@ -208,11 +204,13 @@ def _jobs_text(view: RequestView, status: RequestStatus) -> str:
         if job.status == JobStatus.dead.value:
             line += f"\n   operators: `/signoff replay {escape_mrkdwn(job.id)}`"
         lines.append(line)
-    if request.sync_kind and status is RequestStatus.pending:
+    if request.sync_kind is None:
+        lines.append("_No sync-back: the source asked for no answer._")
+    elif status is RequestStatus.pending:
         lines.append("_The sync-back is queued when the request is decided._")
     return join_within(
         lines,
-        head="*Outbox jobs* (sync-back and Slack)\n",
+        head="*Outbox jobs* (sync-back and Slack)\n" if view.jobs else "*Outbox jobs:* none\n",
         sep="\n",
         limit=SECTION_TEXT_MAX,
         more=lambda n: f"… and {n} more jobs (`signoff requests show`)",

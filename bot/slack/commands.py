@@ -114,11 +114,9 @@ class Commands:
             candidates = await unvoted_pending(session, user_id)
         membership: dict[str, bool] = {}
         unreachable: list[str] = []
-        routes: dict[str, Route] = {}
         mine: list[PendingItem] = []
         for candidate in candidates:
             route = Route.model_validate(candidate.route)
-            routes[candidate.item.id] = route
             if not await self._may_approve(user_id, route, membership, unreachable):
                 continue
             if "actor" in route.forbid:
@@ -138,7 +136,8 @@ class Commands:
         )
         if unreachable:
             groups = ", ".join(f"`{echo(group)}`" for group in unreachable[:5])
-            answer.blocks.insert(1, note_answer(f"Slack did not say who is in {groups}").blocks[0])
+            warning = f":warning: Slack did not say who is in {groups}: this list may be short."
+            answer.blocks.insert(1, note_answer(warning).blocks[0])
         return answer
 
     async def _may_approve(

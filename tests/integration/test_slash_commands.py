@@ -319,3 +319,12 @@ async def test_hostile_title_is_inert_in_every_answer(env: SlackRunning) -> None
     typed = await command(env, "status <!here>")
     assert "<!here>" not in json.dumps(typed)
     assert "&lt;!here&gt;" in texts(typed)
+
+
+async def test_mine_says_so_when_slack_cannot_list_a_group(env: SlackRunning) -> None:
+    refund = await routed(env, title="Refund")
+    env.slack.fail_next("usergroups.list", error="missing_scope", times=10)
+    shown = texts(await command(env, "mine", user="U0CFO"))
+    # The CFO is listed by user id: still found. The groups could not be read: said so.
+    assert refund["request_id"] in shown
+    assert ":warning: Slack did not say who is in `finance-leads`" in shown
