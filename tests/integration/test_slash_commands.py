@@ -328,3 +328,21 @@ async def test_mine_says_so_when_slack_cannot_list_a_group(env: SlackRunning) ->
     # The CFO is listed by user id: still found. The groups could not be read: said so.
     assert refund["request_id"] in shown
     assert ":warning: Slack did not say who is in `finance-leads`" in shown
+
+
+async def test_mine_leaves_out_own_requests_once_the_actor_is_known_without_asking_slack(
+    env: SlackRunning,
+) -> None:
+    # Dana (UDANA, a finance lead) asked for this refund; the event names her by email only.
+    refund = await routed(env, title="Dana's refund")
+    lookups = len(env.slack.calls_to("users.lookupByEmail"))
+    shown = texts(await command(env, "mine", user="UDANA"))
+    assert refund["request_id"] in shown, "who the actor is is not known yet: listed"
+    assert len(env.slack.calls_to("users.lookupByEmail")) == lookups, "no lookup to answer"
+
+    # A click makes Signoff look her email up (separation of duties); from then on it knows.
+    await card_posted(env, refund["request_id"])
+    assert await click(env, "signoff_approve", refund, "UA1") == 200
+    shown = texts(await command(env, "mine", user="UDANA"))
+    assert refund["request_id"] not in shown
+    assert "Nothing is waiting for you." in shown
