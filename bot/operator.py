@@ -16,7 +16,7 @@ from policies.backtest import backtest
 from policies.loader import load_policy
 from storage import audit, outbox
 from storage.errors import NotFound
-from storage.models import EventRecord, JobStatus, OutboxJob
+from storage.models import EventRecord, JobStatus
 from storage.requests import get_request, list_requests
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -128,13 +128,7 @@ async def replay_command(sessions: Sessions, ident: str, *, out: TextIO) -> int:
     job_ids = [ident]
     if not ident.startswith("j_"):
         async with sessions() as session:
-            job_ids = list(
-                await session.scalars(
-                    select(OutboxJob.id).where(
-                        OutboxJob.request_id == ident, OutboxJob.status == JobStatus.dead.value
-                    )
-                )
-            )
+            job_ids = await outbox.dead_jobs_of(session, ident)
         if not job_ids:
             raise NotFound(f"no dead-lettered job with id or request id {ident!r}")
     for job_id in job_ids:

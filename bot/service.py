@@ -26,6 +26,7 @@ from bot.slack import notices
 from bot.slack.app import SlackBot
 from bot.slack.clicks import ClickService
 from bot.slack.client import make_client
+from bot.slack.commands import Commands
 from bot.slack.directory import Directory, load_user_map
 from bot.sync import SyncBack
 from bot.worker import Handler, OutboxWorker
@@ -258,11 +259,19 @@ def _slack(
         jobs=slack_jobs.JOBS,
         on_change=changed,
     )
+    commands = Commands(
+        sessions=sessions,
+        directory=directory,
+        operators=settings.operator_ids,
+        card_kind=slack_jobs.POST_CARD,
+        on_change=changed,
+    )
     return SlackBot(
         client=client,
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         sessions=sessions,
         clicks=clicks,
+        commands=commands,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from pathlib import Path
 from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -16,6 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.schedule import cron_trigger
 from connectors.errors import SignoffError
+
+# A Slack user id as Slack writes it (U0CFO, W012A3CDE); checked so a typo such as a display
+# name fails at start-up instead of silently letting nobody replay.
+_SLACK_USER_ID = re.compile(r"^[UW][A-Z0-9]+$")
 
 
 def _env(name: str) -> AliasChoices:
@@ -74,6 +79,8 @@ class Settings(BaseSettings):
     slack_group_ttl: Annotated[float, Field(ge=0, le=86400)] = Field(
         300.0, validation_alias=_env("SIGNOFF_SLACK_GROUP_TTL")
     )
+    # Slack user ids allowed to `/signoff replay`, comma-separated; empty: nobody.
+    operators: str = Field("", validation_alias=_env("SIGNOFF_OPERATORS"))
 
     timer_interval: Annotated[float, Field(ge=0.05, le=3600)] = Field(
         15.0, validation_alias=_env("SIGNOFF_TIMER_INTERVAL")
@@ -176,6 +183,19 @@ class Settings(BaseSettings):
         if value is not None and len(value.get_secret_value().strip()) < 16:
             raise ValueError("must be at least 16 characters (the value is not shown)")
         return value
+
+    @field_validator("operators")
+    @classmethod
+    def _slack_user_ids(cls, value: str) -> str:
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        bad = [part for part in ids if not _SLACK_USER_ID.match(part)]
+        if bad:
+            raise ValueError(f"must be Slack user ids (U… or W…), comma-separated; not {bad[0]!r}")
+        return ",".join(ids)
+
+    @property
+    def operator_ids(self) -> frozenset[str]:
+        return frozenset(self.operators.split(",")) - {""}
 
     @field_validator("log_level")
     @classmethod

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from connectors.redaction import redact_text
 from storage.audit import AuditEntry, append, append_sync
 from storage.errors import InvalidTransition, NotFound
-from storage.models import JobStatus, OutboxJob, new_id, table_of
+from storage.models import JobStatus, OutboxJob, Request, RequestStatus, new_id, table_of
 
 # Long enough for a status line and a body snippet; an error is a hint, not a log archive.
 MAX_ERROR_CHARS = 2000
@@ -465,6 +465,71 @@ async def replay(
             ],
         )
         return _view(replayed)
+
+
+async def dead_jobs_of(session: AsyncSession, request_id: str) -> list[str]:
+    """Ids of a request's dead-lettered jobs, oldest first: what replaying a request replays."""
+    return list(
+        await session.scalars(
+            select(OutboxJob.id)
+            .where(OutboxJob.request_id == request_id, OutboxJob.status == JobStatus.dead.value)
+            .order_by(OutboxJob.created_at, OutboxJob.id)
+        )
+    )
+
+
+async def queue_lost_card(
+    sessions: async_sessionmaker[AsyncSession],
+    request_id: str,
+    *,
+    kind: str,
+    operator: str,
+    now: datetime,
+) -> str | None:
+    """Queue the post-card job of a pending request whose card was never queued (it arrived
+    while chat was not configured, say); returns the new job's id, or None when there is
+    nothing to do: the request is decided, its card is posted, or a post-card job exists (a
+    dead one is replayed with `replay`, a live one is on its way).
+
+    The key is the intake's (`card-<request id>`), so this can never add a second card.
+    """
+    key = f"card-{request_id}"
+    async with sessions() as session, session.begin():
+        # Locking the request orders this against a vote or the intake's own card job.
+        request = (
+            await session.execute(
+                select(Request.status, Request.card_ts)
+                .where(Request.id == request_id)
+                .with_for_update()
+            )
+        ).one_or_none()
+        if request is None:
+            raise NotFound(f"no request {request_id!r}")
+        if request.status != RequestStatus.pending.value or request.card_ts:
+            return None
+        if await session.scalar(select(OutboxJob.id).where(OutboxJob.idempotency_key == key)):
+            return None
+        job_id = await enqueue(
+            session,
+            kind=kind,
+            idempotency_key=key,
+            payload={"request_id": request_id},
+            now=now,
+            request_id=request_id,
+        )
+        await append(
+            session,
+            [
+                AuditEntry(
+                    kind="operator.repost_card",
+                    actor=operator,
+                    data={"job_id": job_id, "kind": kind, "idempotency_key": key},
+                    request_id=request_id,
+                    at=now,
+                )
+            ],
+        )
+        return job_id
 
 
 async def get_job(session: AsyncSession, job_id: str) -> JobView | None:

@@ -29,6 +29,7 @@ from bot.slack.cards import (
 )
 from bot.slack.clicks import Click, ClickService
 from bot.slack.client import SlackFailure
+from bot.slack.commands import Commands
 from bot.slack.modals import (
     DURATION_ACTION,
     DURATION_BLOCK,
@@ -47,12 +48,6 @@ from storage.requests import RequestView, get_request
 from storage.votes import Choice, Refusal
 
 log = logging.getLogger(__name__)
-
-
-HELP = (
-    "*Signoff* posts approval cards; approve or reject on the card itself.\n"
-    "`/signoff help` shows this. Status, pending, mine and replay are on their way."
-)
 
 
 def _user(body: dict[str, Any]) -> tuple[str, str]:
@@ -106,10 +101,12 @@ class SlackBot:
         signing_secret: str,
         sessions: async_sessionmaker[AsyncSession],
         clicks: ClickService,
+        commands: Commands,
     ) -> None:
         self._client = client
         self._sessions = sessions
         self._clicks = clicks
+        self._commands = commands
         self._tasks: set[asyncio.Task[None]] = set()
         self.app = AsyncApp(
             client=client,
@@ -272,8 +269,13 @@ class SlackBot:
             return
         await ack()
 
-    async def _on_command(self, ack: AsyncAck) -> None:
-        await ack(text=HELP)
+    async def _on_command(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        answer = await self._commands.answer(
+            user_id=str(body.get("user_id", "")),
+            channel_id=str(body.get("channel_id", "")),
+            text=str(body.get("text", "")),
+        )
+        await ack(**answer.as_ack())
 
     async def _on_uninstalled(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()

@@ -80,6 +80,7 @@ __all__ = [
     "outcome_dm",
     "parse_button_value",
     "progress_line",
+    "still_needed",
     "vote_reply_text",
 ]
 
@@ -150,6 +151,16 @@ def progress_line(route: Route, votes: Sequence[Vote]) -> str:
         mark = " :white_check_mark:" if done >= need else ""
         parts.append(f"{need} of {_approvers(entry)} ({min(done, need)}/{need}){mark}")
     return " · ".join(parts)
+
+
+def still_needed(route: Route, votes: Sequence[Vote]) -> str:
+    """`1 more of @finance-leads · 1 more of <@U0CFO>`; "" once every entry has its quorum."""
+    tally = progress(route, [(vote.choice, vote.groups or []) for vote in votes])
+    return " · ".join(
+        f"{need - done} more of {_approvers(entry)}"
+        for entry, (_, done, need) in zip(route.approvers, tally, strict=True)
+        if done < need
+    )
 
 
 # --- the card --------------------------------------------------------------------------------

@@ -112,28 +112,40 @@ class Directory:
                 self._handles = {g["handle"]: g["id"] for g in groups if "handle" in g}
         return self._handles.get(handle)
 
+    def known_user_for(self, *, actor_id: str, email: str) -> str | None:
+        """`slack_user_for` from what is known without asking Slack: the map, an actor id that
+        is a Slack id, an email looked up before (and still fresh)."""
+        return self._known(actor_id, email)[1]
+
+    def _known(self, actor_id: str, email: str) -> tuple[bool, str | None]:
+        """(whether the answer is known without a Slack call, the answer)."""
+        # Explicit actor -> Slack user mapping from config wins over email lookup.
+        if actor_id in self._actor_map:
+            return True, self._actor_map[actor_id]
+        if email in self._actor_map:
+            return True, self._actor_map[email]
+        if is_user_id(actor_id):
+            return True, actor_id
+        if not email:
+            return True, None
+        cached = self._emails.get(email)
+        if cached is not None and self._clock() - cached[1] <= self._ttl:
+            return True, cached[0]
+        return False, None
+
     async def slack_user_for(self, *, actor_id: str, email: str) -> str | None:
         """The Slack user who is the event's actor, if one can be found."""
-        if actor_id in self._actor_map:
-            return self._actor_map[actor_id]
-        if email in self._actor_map:
-            return self._actor_map[email]
-        if is_user_id(actor_id):
-            return actor_id
-        if not email:
-            return None
-        cached = self._emails.get(email)
-        now = self._clock()
-        if cached is not None and now - cached[1] <= self._ttl:
-            return cached[0]
+        known, user_id = self._known(actor_id, email)
+        if known:
+            return user_id
         try:
             response = await self._client.users_lookupByEmail(email=email)
-            user_id: str | None = response["user"]["id"]
+            user_id = response["user"]["id"]
         except SlackApiError as exc:
             if exc.response.get("error") != "users_not_found":
                 raise
             user_id = None
-        self._emails[email] = (user_id, now)
+        self._emails[email] = (user_id, self._clock())
         return user_id
 
 

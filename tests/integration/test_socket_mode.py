@@ -16,8 +16,8 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select
 
-from bot.slack.app import HELP
 from bot.slack.cards import button_value
+from bot.slack.command_blocks import help_answer
 from bot.slack.standin import DEFAULT_APP_TOKEN, DEFAULT_TOKEN, SlackStandIn
 from storage.models import AuditRecord, Vote
 from tests.integration.conftest import SlackRunning, slack_app
@@ -113,7 +113,7 @@ async def test_non_approver_is_refused_with_an_ephemeral(socket_slack: SlackRunn
 async def test_slash_command_is_answered_in_the_ack(socket_slack: SlackRunning) -> None:
     payload = dict(parse_qsl(slash_command("help")))
     ack = await socket_slack.slack.send_envelope("slash_commands", payload)
-    assert ack["payload"] == {"text": HELP}
+    assert ack["payload"] == help_answer().as_ack()
 
 
 async def test_reconnects_when_slack_asks_and_closes_cleanly(sqlite_url: str) -> None:
@@ -127,7 +127,7 @@ async def test_reconnects_when_slack_asks_and_closes_cleanly(sqlite_url: str) ->
         await wait_until(reconnected)
         assert len(slack.calls_to("apps.connections.open")) == 2
         ack = await slack.send_envelope("slash_commands", dict(parse_qsl(slash_command("help"))))
-        assert ack["payload"] == {"text": HELP}
+        assert ack["payload"] == help_answer().as_ack()
 
         await env.services.close()
         await slack.wait_for_no_socket()

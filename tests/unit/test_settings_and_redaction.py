@@ -21,6 +21,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         "SIGNOFF_WEBHOOK_SECRET",
         "ALERTMANAGER_URL",
         "ALERTMANAGER_WEBHOOK_TOKEN",
+        "SIGNOFF_OPERATORS",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -56,6 +57,12 @@ def test_reads_dotenv(tmp_path) -> None:
             "short-SECRET",
             "invalid setting ALERTMANAGER_WEBHOOK_TOKEN",
         ),
+        (
+            "SIGNOFF_OPERATORS",
+            "U0OPS, @dana",
+            "invalid setting SIGNOFF_OPERATORS: must be Slack user ids (U… or W…), comma-separated;"
+            " not '@dana'",
+        ),
     ],
 )
 def test_invalid_setting_is_one_line_naming_it(
@@ -69,6 +76,12 @@ def test_invalid_setting_is_one_line_naming_it(
     assert "\n" not in message
     if "SECRET" in name or "TOKEN" in name:
         assert value not in message, "a secret's value must never be echoed"
+
+
+def test_operators_are_a_set_of_slack_user_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().operator_ids == frozenset(), "empty: nobody may replay from Slack"
+    monkeypatch.setenv("SIGNOFF_OPERATORS", " U0OPS,W0LEAD , ")
+    assert load_settings().operator_ids == {"U0OPS", "W0LEAD"}
 
 
 def test_required_setting_is_named() -> None:
