@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -97,15 +97,20 @@ class Scheduler:
 
     async def tick(self) -> TickResult:
         now = self._clock.now()
+        # What a tick queues is due at once for the outbox worker, which runs on the wall
+        # clock: never later than now, even when a test's clock is ahead of it.
+        jobs_at = min(now, datetime.now(UTC))
         fired: list[Fired] = []
         while True:
             batch = await self._runner.run(
-                lambda session: sweep(session, now=now, jobs=self._jobs, limit=SWEEP_BATCH)
+                lambda session: sweep(
+                    session, now=now, jobs=self._jobs, limit=SWEEP_BATCH, jobs_at=jobs_at
+                )
             )
             fired.extend(batch)
             if len(batch) < SWEEP_BATCH:
                 break
-        digests = await self._send_digests(now)
+        digests = await self._send_digests(now, jobs_at)
         if fired or digests:
             self._on_queued([f.request_id for f in fired])
         for item in fired:
@@ -117,7 +122,7 @@ class Scheduler:
             log.info("request %s: %s", item.request_id, what)
         return TickResult(fired, digests)
 
-    async def _send_digests(self, now: datetime) -> list[tuple[str, datetime]]:
+    async def _send_digests(self, now: datetime, jobs_at: datetime) -> list[tuple[str, datetime]]:
         plan = self._digests
         if plan is None:
             return []
@@ -133,7 +138,13 @@ class Scheduler:
                 continue
             claimed = await self._runner.run(
                 lambda session, channel=channel: claim_digest(  # type: ignore[misc]
-                    session, channel=channel, due_at=due, since=since, kind=plan.kind, now=now
+                    session,
+                    channel=channel,
+                    due_at=due,
+                    since=since,
+                    kind=plan.kind,
+                    now=now,
+                    jobs_at=jobs_at,
                 )
             )
             self._settled.add((channel, due))

@@ -19,7 +19,14 @@ EXPIRING_WITHIN = timedelta(hours=24)
 
 
 def claim_digest(
-    session: Session, *, channel: str, due_at: datetime, since: datetime, kind: str, now: datetime
+    session: Session,
+    *,
+    channel: str,
+    due_at: datetime,
+    since: datetime,
+    kind: str,
+    now: datetime,
+    jobs_at: datetime | None = None,
 ) -> bool:
     """Record that the digest of `channel` for `due_at` goes out, and queue it; False if some
     replica (or an earlier run of this one) already did. One row per (channel, due_at)."""
@@ -41,7 +48,7 @@ def claim_digest(
                     "until": due_at.isoformat(),
                 },
                 request_id=None,
-                now=now,
+                now=jobs_at or now,
             )
         ],
     )
@@ -134,7 +141,8 @@ def digest_stats(
         middle = session.scalars(
             ordered.offset((decided_count - 1) // 2).limit(2 - decided_count % 2)
         ).all()
-        median = sum(float(v) for v in middle) / len(middle)
+        # To the second: SQLite's julianday() arithmetic carries float noise below that.
+        median = float(round(sum(float(v) for v in middle) / len(middle)))
     events = session.execute(
         select(
             func.count(),

@@ -86,13 +86,22 @@ _EXPIRY_STATUS = {
 _EXPIRY_ACTOR = {"id": "signoff:expiry", "name": "expiry"}
 
 
-def sweep(session: Session, *, now: datetime, jobs: TimerJobs, limit: int = 200) -> list[Fired]:
+def sweep(
+    session: Session,
+    *,
+    now: datetime,
+    jobs: TimerJobs,
+    limit: int = 200,
+    jobs_at: datetime | None = None,
+) -> list[Fired]:
     """Fire what is due at `now` for up to `limit` requests, in the caller's transaction.
+    The jobs it queues are due at `jobs_at` (default `now`).
 
     Each request is claimed by an UPDATE guarded by the progress this sweep read (and by
     `status = 'pending'`, so a vote that decided it meanwhile wins): another replica sweeping
     the same rows finds nothing left to match and queues nothing.
     """
+    queue_at = jobs_at or now
     table = table_of(Request)
     rows = session.execute(
         select(
@@ -156,11 +165,11 @@ def sweep(session: Session, *, now: datetime, jobs: TimerJobs, limit: int = 200)
                 )
             )
             if row.sync_kind:
-                new_jobs.append(sync_back_job(row.id, row.sync_kind, now))
+                new_jobs.append(sync_back_job(row.id, row.sync_kind, queue_at))
             if jobs.dm_outcome:
-                new_jobs.append(request_job(jobs.dm_outcome, "dm-outcome", row.id, now))
+                new_jobs.append(request_job(jobs.dm_outcome, "dm-outcome", row.id, queue_at))
             if jobs.update_card:
-                new_jobs.append(request_job(jobs.update_card, "card-expired", row.id, now))
+                new_jobs.append(request_job(jobs.update_card, "card-expired", row.id, queue_at))
             fired.append(Fired(row.id, expired_to=status))
             continue
 
@@ -198,7 +207,7 @@ def sweep(session: Session, *, now: datetime, jobs: TimerJobs, limit: int = 200)
         if claimed.rowcount != 1 or not notices:  # type: ignore[attr-defined]
             continue
         for kind, number in notices:
-            new_jobs.extend(_notice_jobs(row.id, route, kind, number, jobs, now))
+            new_jobs.extend(_notice_jobs(row.id, route, kind, number, jobs, queue_at))
             entries.append(
                 AuditEntry(
                     kind=f"request.{kind.value}",
@@ -211,7 +220,7 @@ def sweep(session: Session, *, now: datetime, jobs: TimerJobs, limit: int = 200)
         if jobs.update_card:
             # One update shows every notice of this sweep; the key names the progress reached.
             key = f"card-timer-{level}-{int(reminded)}-{int(warned)}"
-            new_jobs.append(request_job(jobs.update_card, key, row.id, now))
+            new_jobs.append(request_job(jobs.update_card, key, row.id, queue_at))
         fired.append(Fired(row.id, notices=tuple(notices)))
     insert_jobs(session, new_jobs)
     append_sync(session, entries)

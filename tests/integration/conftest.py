@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from bot.clock import Clock
 from bot.http import build_app
 from bot.service import Services
 from bot.settings import load_settings
@@ -53,9 +54,12 @@ def test_settings(db_url: str, **overrides: object) -> dict[str, object]:
 
 
 @contextlib.asynccontextmanager
-async def running_app(settings: dict[str, object]) -> AsyncIterator[Running]:
-    """Signoff's app on a real local port, in this process."""
-    services = await Services.start(load_settings(**settings))
+async def running_app(
+    settings: dict[str, object], *, clock: Clock | None = None
+) -> AsyncIterator[Running]:
+    """Signoff's app on a real local port, in this process. With a `clock`, scheduled work
+    runs only when the test calls `services.scheduler.tick()`."""
+    services = await Services.start(load_settings(**settings), clock=clock)
     client = TestClient(TestServer(build_app(services), host="127.0.0.1"))
     await client.start_server()
     try:
@@ -90,7 +94,9 @@ class SlackRunning(Running):
 
 
 @contextlib.asynccontextmanager
-async def slack_app(db_url: str, **overrides: object) -> AsyncIterator[SlackRunning]:
+async def slack_app(
+    db_url: str, *, clock: Clock | None = None, **overrides: object
+) -> AsyncIterator[SlackRunning]:
     """The app wired to a Slack stand-in (finance leads, approvers, a requester who is also a
     finance lead) and to a callback sink standing in for the source system."""
     standin = SlackStandIn(
@@ -110,7 +116,7 @@ async def slack_app(db_url: str, **overrides: object) -> AsyncIterator[SlackRunn
         **overrides,
     )
     try:
-        async with running_app(settings) as app:
+        async with running_app(settings, clock=clock) as app:
             yield SlackRunning(app.services, app.client, standin, sink)
     finally:
         await sink.stop()
