@@ -48,6 +48,20 @@ def is_secret_key(key: str) -> bool:
 _MAYBE_SECRET = re.compile(r"xox|xapp-|whsec_|gh[pousr]_|github_pat_|-----BEGIN|Bearer|://|[?&]")
 
 
+# The same net for a whole JSON document at once: a superset of what `redact` would change
+# (each alternative is necessary for one of the patterns above; a URL or a query string alone
+# is not), so a document it does not match is returned unwalked.
+_DOCUMENT_MAYBE_SECRET = re.compile(
+    r"xox|xapp-|whsec_|gh[pousr]_|github_pat_|-----BEGIN|Bearer|://[^/\s@]*@|[?&][A-Za-z_]*="
+)
+
+
+def may_hold_secret(json_text: str) -> bool:
+    """False when `redact` would leave the JSON document `json_text` encodes unchanged: no
+    secret-looking key, value or URL anywhere in it. True means "walk it with `redact`"."""
+    return bool(_DOCUMENT_MAYBE_SECRET.search(json_text) or _SECRET_KEY.search(json_text))
+
+
 def redact_text(text: str) -> str:
     """Mask credential-looking substrings and the password part of URLs in free text."""
     if len(text) < 8 or not _MAYBE_SECRET.search(text):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import pytest
 
 from bot.settings import SettingsError, load_settings
-from connectors.redaction import MASK, redact, redact_text, redact_url
+from connectors.redaction import MASK, may_hold_secret, redact, redact_text, redact_url
 
 GOOD_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -149,3 +151,61 @@ async def test_alertmanager_is_on_with_either_setting(
             headers = {"Authorization": f"Bearer {'t' * 16}"}
             delivery = await connectors["alertmanager"].receive(body=firing, headers=headers)
             assert ("silence" in delivery.events[0].sync) is silences
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"headers": {"Authorization": "Basic abc"}},
+        {"a": [{"b": "token xoxb-1234567890-abcdef"}]},
+        {"url": "https://user:hunter2@example.com/x"},
+        {"url": "https://example.com/cb?access_token=abc123"},
+        {"note": "use Bearer\nabcdefghijk please"},
+        {"k": "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----"},
+        {"client_secret": "s3cr3t"},
+        {"nested": {"deeper": {"ghp": "ghp_" + "a" * 30}}},
+    ],
+)
+def test_documents_with_secrets_are_walked(data: dict) -> None:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert may_hold_secret(text)
+    assert redact(data) != data  # and the walk does mask something
+
+
+def test_documents_the_fast_path_skips_are_unchanged_by_redact() -> None:
+    """The document-level check must never skip what `redact` would mask: random documents
+    built from harmless and dangerous pieces agree with the walk, both ways."""
+    rng = random.Random(11)
+    pieces = [
+        "Refund $4,200",
+        "https://dashboard.example.com/re_123",
+        "http://127.0.0.1:9/cb",
+        "ACME Corp",
+        "dana@example.com",
+        "a?b",
+        "x&y",
+        "xoxb-123456-abcdef",
+        "whsec_abcdefghij",
+        "https://u:p@h/x",
+        "https://h/x?sig=abc",
+        "Bearer abcdefghij",
+        "tokens",
+        42,
+        3.5,
+        None,
+    ]
+    keys = ["title", "summary", "amount", "links", "password", "tokens_used", "api_key", "x"]
+
+    def build(depth: int) -> object:
+        roll = rng.random()
+        if depth > 2 or roll < 0.4:
+            return rng.choice(pieces)
+        if roll < 0.7:
+            return [build(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): build(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(2000):
+        data = {"event": build(0)}
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        if not may_hold_secret(text):
+            assert redact(data) == data, text
