@@ -1,9 +1,11 @@
 """`signoff demo`: the whole flow on this machine with no Slack account.
 
 The real service runs on a throwaway SQLite file, wired to a local Slack stand-in (the same one
-the tests use) and to a local "source system" that receives the signed sync-backs. The webhook
-connector's sample events go in over HTTP; cards are printed as the stand-in received them;
-clicks are sent as Slack sends them, signed.
+the tests use), a local GitHub API stand-in and a local "source system" that receives the
+signed sync-backs. Sample deliveries of every connector go in over HTTP, signed as their sources
+sign them: the generic webhook's events, a GitHub deployment protection rule and Alertmanager
+alerts (firing, then resolved). Cards are printed as the stand-in received them; clicks are sent
+as Slack sends them, signed.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import secrets
 import signal
 import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +30,8 @@ from urllib.parse import urlencode
 
 import httpx
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from slack_sdk.models.blocks import Block
 from slack_sdk.signature import SignatureVerifier
 
@@ -34,12 +41,16 @@ from bot.settings import load_settings
 from bot.slack.cards import Card, button_value
 from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn
 from bot.slack.terminal import render_text
+from connectors.github.standin import GitHubStandIn
 from connectors.webhook.signature import StandardWebhooks
 from storage import audit
 from storage.requests import get_request
 
 DEMO_POLICY = Path(__file__).with_name("demo_policy.yaml")
 FIXTURES = resources.files("connectors.webhook") / "fixtures"
+GITHUB_FIXTURES = resources.files("connectors.github") / "fixtures"
+ALERT_FIXTURES = resources.files("connectors.alertmanager") / "fixtures"
+GITHUB_APP_ID = "424242"
 SAMPLES = ("small_refund.json", "refund.json", "deploy.json", "heartbeat.json")
 
 # The demo workspace: who is who in the stand-in.
@@ -93,6 +104,7 @@ class Demo:
     signing_secret: str
     out: TextIO
     http: httpx.AsyncClient
+    answers: list[dict[str, Any]] = field(default_factory=list)
 
     async def send_samples(self, source_url: str) -> list[dict[str, Any]]:
         answers = []
@@ -118,8 +130,9 @@ class Demo:
         self.out.write(f"→ a forged signature\n  {response.status_code}: {error}\n")
         return answers
 
-    async def show_card(self, channel: str, heading: str) -> str:
-        message = next(m for m in self.slack.messages(channel) if not m.thread_ts)
+    async def show_card(self, channel: str, heading: str, *, latest: bool = False) -> str:
+        cards = [m for m in self.slack.messages(channel) if not m.thread_ts]
+        message = cards[-1] if latest else cards[0]
         card = Card(blocks=[b for b in map(Block.parse, message.blocks or []) if b], text="")
         self.out.write(f"\n┌─ {heading}: the card in #{channel}\n")
         for line in render_text(card).splitlines():
@@ -170,6 +183,38 @@ class Demo:
         for note in self.slack.ephemerals[seen:]:
             self.out.write(f"  (only {USERS[note.user]['real_name']} sees) {note.text}\n")
 
+    async def github_deployment(self, secret: str) -> dict[str, Any]:
+        """GitHub asking whether a workflow run may deploy, signed as GitHub signs it."""
+        raw = (GITHUB_FIXTURES / "deployment_protection_rule.requested.json").read_bytes()
+        digest = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+        headers = {
+            "content-type": "application/json",
+            "X-GitHub-Event": "deployment_protection_rule",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+            "X-Hub-Signature-256": f"sha256={digest}",
+        }
+        response = await self.http.post(f"{self.base}/hooks/github", content=raw, headers=headers)
+        [answer] = response.json()["requests"]
+        self.out.write(
+            f"→ GitHub: may workflow run 5453085689 deploy sample-app to production?\n"
+            f"  {response.status_code}: {answer['decision']} by rule {answer['rule']}\n"
+        )
+        return {**answer, "version": await self._version(answer["request_id"])}
+
+    async def alerts(self, name: str, token: str) -> dict[str, Any]:
+        raw = (ALERT_FIXTURES / name).read_bytes()
+        headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
+        response = await self.http.post(
+            f"{self.base}/hooks/alertmanager", content=raw, headers=headers
+        )
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    async def _version(self, request_id: str) -> str:
+        async with self.services.sessions() as session:
+            view = await get_request(session, request_id)
+        return view.request.version
+
     async def wait(self, check: Any, timeout: float = 10.0) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
@@ -182,12 +227,17 @@ async def run_demo(*, keep: bool, out: TextIO) -> int:
     signing_secret = secrets.token_hex(16)
     verifier = StandardWebhooks(secret)
     slack = SlackStandIn(
-        channels={"C0FINANCE", "C0DEPLOYS", "C0APPROVALS"},
+        channels={"C0FINANCE", "C0DEPLOYS", "C0ONCALL", "C0APPROVALS"},
         users=USERS,
         usergroups=GROUPS,
         usergroup_handles=HANDLES,
     )
     await slack.start()
+    # A throwaway GitHub App: its key exists for this run only.
+    app_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    github = GitHubStandIn(app_id=GITHUB_APP_ID, public_key=app_key.public_key())
+    await github.start()
+    github_secret, alert_token = secrets.token_hex(16), secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="signoff-demo-") as tmp:
         database = Path(tmp) / "signoff.db"
         port, source_port = _free_port(), _free_port()
@@ -200,6 +250,16 @@ async def run_demo(*, keep: bool, out: TextIO) -> int:
             SLACK_BOT_TOKEN=DEFAULT_TOKEN,
             SLACK_SIGNING_SECRET=signing_secret,
             SLACK_API_URL=slack.url,
+            GITHUB_WEBHOOK_SECRET=github_secret,
+            GITHUB_APP_ID=GITHUB_APP_ID,
+            GITHUB_APP_PRIVATE_KEY=app_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode(),
+            GITHUB_API_URL=github.url,
+            # The Alertmanager hook with a token and no ALERTMANAGER_URL: cards, no silences.
+            ALERTMANAGER_WEBHOOK_TOKEN=alert_token,
         )
         source = SourceSystem(verifier, out)
         source_app = web.Application()
@@ -221,6 +281,9 @@ async def run_demo(*, keep: bool, out: TextIO) -> int:
             async with httpx.AsyncClient() as http:
                 demo = Demo(base, services, slack, source, verifier, signing_secret, out, http)
                 await _story(demo, f"http://127.0.0.1:{source_port}/approvals")
+                await _github_story(demo, github, github_secret)
+                await _alert_story(demo, alert_token)
+                await _summary(demo, demo.answers)
             if keep:
                 out.write(
                     f"\nStill serving on {base} (Ctrl-C to stop). In another shell:\n"
@@ -233,6 +296,7 @@ async def run_demo(*, keep: bool, out: TextIO) -> int:
             await services.close()
             await source_runner.cleanup()
             await slack.stop()
+            await github.stop()
     return 0
 
 
@@ -260,7 +324,42 @@ async def _story(demo: Demo, source_url: str) -> None:
         await demo.wait(lambda: bool(demo.slack.messages(dm)))
         for message in demo.slack.messages(dm):
             out.write(f"  DM to Mona (the requester): {message.text}\n")
-    await _summary(demo, answers)
+    demo.answers.extend(answers)
+
+
+async def _github_story(demo: Demo, github: GitHubStandIn, secret: str) -> None:
+    out = demo.out
+    out.write("\nGitHub deployment protection rule:\n")
+    request = await demo.github_deployment(secret)
+    demo.answers.append({**request, "title": "GitHub: deploy sample-app to production"})
+    await demo.wait(lambda: len(demo.slack.messages("C0DEPLOYS")) >= 2)
+    ts = await demo.show_card("C0DEPLOYS", "GitHub asks", latest=True)
+    await demo.click(request, "C0DEPLOYS", ts, "USRE")
+    [review] = await github.wait_for_reviews(1)
+    out.write(
+        f"  ← GitHub API got the review for run {review.run_id}: {review.body['state']} "
+        f"({review.body['environment_name']}), with an installation token\n"
+        f"    comment: {review.body['comment'].splitlines()[0]}\n"
+    )
+
+
+async def _alert_story(demo: Demo, token: str) -> None:
+    out = demo.out
+    out.write("\nAlertmanager:\n")
+    firing = await demo.alerts("firing.json", token)
+    for answer in firing["requests"]:
+        demo.answers.append({**answer, "title": "Alert DiskRunningFull"})
+    out.write(f"→ two alerts firing: {len(firing['requests'])} requests routed to #C0ONCALL\n")
+    await demo.wait(lambda: len(demo.slack.messages("C0ONCALL")) >= 2)
+    await demo.show_card("C0ONCALL", "An alert")
+    resolved = await demo.alerts("resolved.json", token)
+    out.write(
+        f"→ one alert resolved: {len(resolved['cancelled'])} request cancelled, "
+        "its card says so; the other fired again (a new version supersedes the old)\n"
+    )
+    for answer in resolved["requests"]:
+        demo.answers.append({**answer, "title": "Alert DiskRunningFull (fired again)"})
+    await demo.wait(lambda: len(demo.slack.calls_to("chat.update")) >= 3)
 
 
 async def _summary(demo: Demo, answers: list[dict[str, Any]]) -> None:

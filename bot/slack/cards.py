@@ -191,7 +191,8 @@ def build_card(view: RequestView, *, now: datetime) -> Card:
     blocks.append(DividerBlock())
     blocks.append(section(_why_text(request, facts)))
     if facts.route is not None:
-        blocks.append(section(_needs_text(facts.route, view.votes, status)))
+        has_actor = bool(facts.mapping("actor").get("id"))
+        blocks.append(section(_needs_text(facts.route, view.votes, status, has_actor=has_actor)))
     if view.votes:
         blocks.append(section(votes_text(view.votes)))
     timing = _timing(request, facts.route, status, now)
@@ -311,9 +312,13 @@ def _why_text(request: Request, facts: Facts) -> str:
     return join_within(lines, sep="\n", limit=SECTION_TEXT_MAX, more=lambda n: f"… {n} more")
 
 
-def _needs_text(route: Route, votes: Sequence[Vote], status: RequestStatus) -> str:
+def _needs_text(
+    route: Route, votes: Sequence[Vote], status: RequestStatus, *, has_actor: bool
+) -> str:
     word = "Needs" if status is RequestStatus.pending else "Needed"
     text = f"*{word}* {progress_line(route, votes)}"
+    if not has_actor:
+        return text  # an alert has no requester: nobody to keep from approving
     if "actor_team" in route.forbid:
         text += "\n_The requester and their team may not approve._"
     elif "actor" in route.forbid:

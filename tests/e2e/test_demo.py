@@ -23,4 +23,9 @@ def test_demo_runs_the_whole_flow() -> None:
     assert "approved by sam" in out
     assert "DM to Mona (the requester): Approved" in out
     assert "2 decision(s) synced back to the source" in out
+    # The other connectors: GitHub gets its review through its API, alerts come and go.
+    assert "GitHub API got the review for run 5453085689: approved (production)" in out
+    assert "comment: Approved in Signoff by sam" in out
+    assert "two alerts firing: 2 requests routed to #C0ONCALL" in out
+    assert "one alert resolved: 1 request cancelled" in out
     assert "intact" in out
