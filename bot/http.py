@@ -17,7 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from bot.service import Services
 from connectors.base import Connector, Delivery
-from connectors.errors import InboundError, PayloadTooLarge
+from connectors.errors import InboundError, PayloadTooLarge, SignatureError
 from connectors.redaction import redact_text
 from connectors.webhook import intake as webhook
 from storage.errors import NotFound
@@ -142,21 +142,35 @@ async def _audit_refusal(
         log.error("could not audit a refused delivery (%s) from %s", exc.reason, request.remote)
 
 
-def _authorized(request: web.Request, services: Services) -> bool:
+def _refused(request: web.Request, services: Services) -> str | None:
+    """Why the requests API refuses this caller, or None. A caller proves itself with the bearer
+    token, or by signing the request like a webhook (Standard Webhooks, SIGNOFF_WEBHOOK_SECRET)
+    over its path and query as sent: the signature binds the request it was made for, so it
+    cannot be replayed to read another one."""
+    if "webhook-signature" in request.headers:
+        try:
+            services.webhook.verifier.verify(request.raw_path.encode(), request.headers)
+        except SignatureError as exc:
+            return f"signed request refused: {exc}"
+        return None
     token = services.settings.api_token
     if token is None:
-        return False
+        return (
+            "send a request signed with SIGNOFF_WEBHOOK_SECRET (its payload is the path and "
+            "query), or set SIGNOFF_API_TOKEN and send it as a bearer token"
+        )
     given = request.headers.get("Authorization", "")
     expected = f"Bearer {token.get_secret_value()}"
-    return hmac.compare_digest(given.encode(), expected.encode())
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        return "missing or wrong bearer token"
+    return None
 
 
 async def get_request_handler(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    if services.settings.api_token is None:
-        return _error(401, "the requests API is off: set SIGNOFF_API_TOKEN to enable it")
-    if not _authorized(request, services):
-        return _error(401, "missing or wrong bearer token")
+    refused = _refused(request, services)
+    if refused is not None:
+        return _error(401, refused)
     request_id = request.match_info["id"]
     raw_wait = request.query.get("wait", "0")
     try:

@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 
 from storage.models import OutboxJob, RequestStatus
 from storage.requests import decide
-from tests.integration.conftest import API_TOKEN, Running
+from tests.integration.conftest import API_TOKEN, Running, running_app
+from tests.integration.conftest import test_settings as settings_for
 from tests.support import CallbackSink, event_body, sign
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -34,6 +35,36 @@ async def approve(running: Running, request_id: str, who: str = "U1") -> bool:
         actor=f"slack:{who}",
         now=datetime.now(UTC),
     )
+
+
+async def test_a_request_signed_like_a_webhook_may_read_it(db_url: str) -> None:
+    """No API token needed: the source signs the GET with the webhook secret, over the path and
+    query it asks for, so the signature cannot be reused to read another request."""
+    settings = settings_for(db_url)
+    del settings["SIGNOFF_API_TOKEN"]
+    async with running_app(settings) as app:
+        request_id = await routed(app)
+        other_id = await routed(app)
+        path = f"/v1/requests/{request_id}?wait=0"
+        _, headers = sign(path.encode())
+        answer = await app.client.get(path, headers=headers)
+        assert answer.status == 200
+        assert (await answer.json())["id"] == request_id
+        # The same signature for another request, or another query, is refused.
+        moved = await app.client.get(f"/v1/requests/{other_id}?wait=0", headers=headers)
+        assert moved.status == 401
+        assert (
+            "signed request refused: no webhook-signature matches" in (await moved.json())["error"]
+        )
+        longer = await app.client.get(f"/v1/requests/{request_id}?wait=30", headers=headers)
+        assert longer.status == 401
+        # A stale signature is refused like a stale webhook.
+        _, stale = sign(path.encode(), timestamp=int(time.time()) - 3600)
+        assert (await app.client.get(path, headers=stale)).status == 401
+        # Without a signature and without a token configured: 401 saying how to get in.
+        bare = await app.client.get(path)
+        assert bare.status == 401
+        assert "SIGNOFF_WEBHOOK_SECRET" in (await bare.json())["error"]
 
 
 async def test_request_needs_the_bearer_token(running: Running) -> None:
