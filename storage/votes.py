@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from policies.model import Route
 from storage.audit import AuditEntry, append_sync
 from storage.errors import StorageError
-from storage.models import EventRecord, Request, RequestStatus, Vote, table_of
+from storage.models import EventRecord, JobStatus, OutboxJob, Request, RequestStatus, Vote, table_of
 from storage.outbox import insert_jobs, job_row, request_job, sync_back_job
 
 
@@ -242,14 +242,36 @@ def cast(session: Session, ballot: Ballot, jobs: SlackJobs) -> VoteResult:
             new_jobs.append(sync_back_job(request.id, request.sync_kind, ballot.now))
         if jobs.dm_outcome and event.body.get("actor"):
             new_jobs.append(request_job(jobs.dm_outcome, "dm-outcome", request.id, ballot.now))
-    if jobs.update_card:
-        # One update per vote: each renders the card as it stands when it runs.
+    if jobs.update_card and not _update_already_queued(session, request.id, jobs.update_card):
         new_jobs.append(
             request_job(jobs.update_card, f"card-update-vote-{vote_id}", request.id, ballot.now)
         )
     insert_jobs(session, new_jobs)
     append_sync(session, entries)
     return VoteResult(vote_id=vote_id, status=status, progress=tally)
+
+
+def _update_already_queued(session: Session, request_id: str, kind: str) -> bool:
+    """A card update for this request is queued and not yet claimed: it renders the card from
+    the database when it runs, so it will show this vote too, and one more job would only
+    repeat it (under a burst of votes, one update per vote is a backlog of identical work).
+
+    The job row is locked until this vote commits, so a worker cannot claim it and render the
+    card in between (`SKIP LOCKED` on its side skips it); one a worker holds right now is
+    skipped here, and this vote queues its own update. SQLite runs one writer at a time, so
+    there the claim cannot come in between anyway.
+    """
+    pending = (
+        select(OutboxJob.id)
+        .where(
+            OutboxJob.request_id == request_id,
+            OutboxJob.kind == kind,
+            OutboxJob.status == JobStatus.pending.value,
+        )
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    return session.execute(pending).first() is not None
 
 
 def _approvers(session: Session, request_id: str) -> list[dict[str, str]]:

@@ -7,7 +7,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from connectors.events import Event
 from policies.model import Decision, DecisionKind, Route
@@ -80,6 +80,36 @@ async def test_quorum_is_counted_per_group(runner: TransactionRunner) -> None:
     last = await vote(runner, ballot(request_id, "U2", ["leads"]))
     assert last.status.value == "approved"
     assert list(last.progress) == [("leads", 2, 2), ("UCFO", 1, 1)]
+
+
+async def test_votes_share_a_card_update_that_is_not_claimed_yet(
+    runner: TransactionRunner, engine
+) -> None:
+    """The queued update renders the card when it runs, so it covers every vote before it;
+    once a worker holds it, the next vote queues its own."""
+    request_id = await new_request(runner)
+
+    async def updates() -> list[str]:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                select(OutboxJob.status).where(
+                    OutboxJob.request_id == request_id, OutboxJob.kind == JOBS.update_card
+                )
+            )
+            return [status for (status,) in rows]
+
+    await vote(runner, ballot(request_id, "U1", ["leads"]))
+    await vote(runner, ballot(request_id, "UCFO", ["UCFO"]))
+    assert await updates() == ["pending"]
+    async with engine.begin() as conn:  # a worker claims it
+        await conn.execute(
+            update(OutboxJob)
+            .where(OutboxJob.request_id == request_id, OutboxJob.kind == JOBS.update_card)
+            .values(status="running")
+        )
+    last = await vote(runner, ballot(request_id, "U2", ["leads"]))
+    assert last.status.value == "approved"
+    assert sorted(await updates()) == ["pending", "running"]
 
 
 async def test_a_voter_in_two_groups_counts_for_both(runner: TransactionRunner) -> None:
