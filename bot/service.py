@@ -219,7 +219,7 @@ class Services:
         if self.socket_mode is not None:
             await self.socket_mode.close_async()  # type: ignore[no-untyped-call]
         if self.slack is not None:
-            await self.slack.close()
+            await self.slack.close(self.settings.shutdown_grace)
         await self.batcher.stop()
         await self.worker.stop(self.settings.shutdown_grace)
         if self._worker_task is not None:

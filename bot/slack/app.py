@@ -9,6 +9,8 @@ click. Anything slow (opening a modal, an ephemeral note) runs after the ack, in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -108,19 +110,24 @@ class SlackBot:
         self._clicks = clicks
         self._commands = commands
         self._tasks: set[asyncio.Task[None]] = set()
+        # Requests Bolt is handling now, over HTTP or Socket Mode: close() lets them finish.
+        # slack_sdk's Socket Mode client does not track the envelopes it hands to Bolt.
+        self._handling = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.app = AsyncApp(
             client=client,
             signing_secret=signing_secret,
             process_before_response=True,
             logger=_bolt_log,
         )
-        self.app.action(APPROVE_ACTION)(self._on_approve)
-        self.app.action(REJECT_ACTION)(self._on_reject)
-        self.app.action(DETAILS_ACTION)(self._on_details)
-        self.app.action(SILENCE_ACTION)(self._on_silence)
-        self.app.view(REJECT_CALLBACK)(self._on_reject_reason)
-        self.app.view(SILENCE_CALLBACK)(self._on_silence_choice)
-        self.app.command("/signoff")(self._on_command)
+        self.app.action(APPROVE_ACTION)(self._tracked(self._on_approve))
+        self.app.action(REJECT_ACTION)(self._tracked(self._on_reject))
+        self.app.action(DETAILS_ACTION)(self._tracked(self._on_details))
+        self.app.action(SILENCE_ACTION)(self._tracked(self._on_silence))
+        self.app.view(REJECT_CALLBACK)(self._tracked(self._on_reject_reason))
+        self.app.view(SILENCE_CALLBACK)(self._tracked(self._on_silence_choice))
+        self.app.command("/signoff")(self._tracked(self._on_command))
         self.app.event("app_uninstalled")(self._on_uninstalled)
         self.app.event("tokens_revoked")(self._on_uninstalled)
 
@@ -129,9 +136,34 @@ class SlackBot:
         response = await self.app.async_dispatch(await to_bolt_request(request))
         return await to_aiohttp_response(response)
 
-    async def close(self) -> None:
+    def _tracked(self, listener: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        """The listener, counted while it runs. Bolt runs listeners after its middleware
+        chain has returned, so the count has to be taken here, around each one; Bolt still
+        sees the listener's own arguments through `functools.wraps`."""
+
+        @functools.wraps(listener)
+        async def run(**kwargs: Any) -> None:
+            self._handling += 1
+            self._idle.clear()
+            try:
+                await listener(**kwargs)
+            finally:
+                self._handling -= 1
+                if not self._handling:
+                    self._idle.set()
+
+        return run
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Let clicks being handled commit their votes (their acks may go unsent: Slack then
+        shows an error, and the vote is there), then the work queued after acks."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        if self._handling:
+            log.warning("%d Slack request(s) still running at shutdown", self._handling)
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=10)
+            await asyncio.wait(self._tasks, timeout=grace)
 
     def _later(self, work: Coroutine[Any, Any, object]) -> None:
         """Run after the ack; keep a reference so the task is not collected mid-flight."""

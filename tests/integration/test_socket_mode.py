@@ -201,3 +201,34 @@ async def test_envelope_waits_for_its_ack_and_stop_closes_the_socket() -> None:
             assert socket.close_code == aiohttp.WSCloseCode.GOING_AWAY
     finally:
         await slack.stop()
+
+
+async def test_a_click_in_flight_at_shutdown_still_records_its_vote(
+    socket_slack: SlackRunning, sqlite_url: str
+) -> None:
+    """slack_sdk does not track the envelopes it hands to Bolt; Signoff does, and shutdown waits
+    for them, so a vote being written when SIGTERM comes is not cut off."""
+    import sqlite3
+
+    env = socket_slack
+    request = await routed(env)
+    channel, ts = await card_posted(env, request["request_id"])
+    # Another writer holds the database: the vote waits for it, in flight.
+    blocker = sqlite3.connect(sqlite_url.removeprefix("sqlite+aiosqlite:///"), timeout=5)
+    blocker.execute("BEGIN IMMEDIATE")
+    payload = click_payload(request, "UA1", channel=channel, ts=ts)
+    click = asyncio.create_task(env.slack.send_envelope("interactive", payload, timeout=10))
+    await asyncio.sleep(0.3)
+    closing = asyncio.create_task(env.services.close())
+    await asyncio.sleep(0.5)
+    assert not closing.done(), "shutdown must wait for the click being handled"
+    blocker.rollback()
+    blocker.close()
+    await asyncio.wait_for(closing, 15)
+    click.cancel()
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError, aiohttp.ClientError):
+        await click
+    check = sqlite3.connect(sqlite_url.removeprefix("sqlite+aiosqlite:///"))
+    votes = check.execute("SELECT user_id FROM votes").fetchall()
+    check.close()
+    assert votes == [("UA1",)]
