@@ -103,8 +103,9 @@ async def test_intake_decisions_votes_and_pending(slack_running: SlackRunning) -
     await env.sink.wait_for(1)
     samples = await until(
         env.client,
-        lambda s: value(s, "signoff_outbox_attempts_total", kind="webhook.callback", outcome="done")
-        == 1,
+        lambda s: (
+            value(s, "signoff_outbox_attempts_total", kind="webhook.callback", outcome="done") == 1
+        ),
     )
     assert value(samples, "signoff_refusals_total", source="slack", reason="not_approver") == 1
     assert value(samples, f"{ttd}_count", by="vote") == 1
@@ -129,8 +130,10 @@ async def test_retries_dead_letters_and_slack_errors(slack_running: SlackRunning
     outbox = "signoff_outbox_attempts_total"
     samples = await until(
         env.client,
-        lambda s: value(s, outbox, kind="webhook.callback", outcome="dead") == 1
-        and value(s, outbox, kind="slack.post_card", outcome="dead") == 1,
+        lambda s: (
+            value(s, outbox, kind="webhook.callback", outcome="dead") == 1
+            and value(s, outbox, kind="slack.post_card", outcome="dead") == 1
+        ),
     )
     # SIGNOFF_OUTBOX_MAX_ATTEMPTS is 3 in the tests: two retries, then the dead letter.
     assert value(samples, outbox, kind="webhook.callback", outcome="retry") == 2
