@@ -91,13 +91,12 @@ def _accepted(services: Services, source: str, delivery_id: str, result: IntakeR
     services.metrics.event(source, "duplicate" if result.duplicate else "accepted")
     correlation = result.request_id or logs.current_correlation_id()
     log.info(
-        "event %s from %s: %s by rule %s, request %s (%s)",
+        "event %s from %s: %s by rule %s, %s",
         "repeated" if result.duplicate else "accepted",
         source,
         result.decision,
         result.rule,
-        result.request_id,
-        result.status,
+        f"request {result.request_id} ({result.status})" if result.request_id else "no request",
         extra={
             "correlation_id": correlation,
             "delivery_id": delivery_id,

@@ -132,6 +132,7 @@ class ClickService:
     async def precheck(self, click: Click) -> Refusal | None:
         """Would this click be refused? Used before opening the reject modal, so nobody types
         a reason for a click that cannot count. Writes nothing; the vote itself re-checks."""
+        logs.bind(click.request_id[:64])
         target = await self._target(click.request_id)
         if target is None:
             return Refusal.not_found
