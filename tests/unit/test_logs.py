@@ -72,3 +72,28 @@ def test_text_format_for_people() -> None:
         out = emit(TextFormatter(SecretMask(["s3cr3t-value-000"])), "said s3cr3t-value-000")
     assert "[r_abc]" in out and "INFO signoff.test.logs" in out
     assert "s3cr3t-value-000" not in out
+
+
+def test_log_format_setting_and_the_secrets_it_masks(tmp_path) -> None:
+    import pytest
+
+    from bot.settings import SettingsError, load_settings
+    from tests.support import SECRET
+
+    with pytest.raises(SettingsError, match="SIGNOFF_LOG_FORMAT"):
+        load_settings(SIGNOFF_LOG_FORMAT="xml")
+    assert load_settings().log_format == "json"
+    key_file = tmp_path / "app.pem"
+    key_file.write_text(PEM)
+    settings = load_settings(
+        SIGNOFF_LOG_FORMAT="text",
+        SIGNOFF_WEBHOOK_SECRET=SECRET,
+        SIGNOFF_API_TOKEN="api-token-for-the-test",
+        GITHUB_APP_PRIVATE_KEY_FILE=str(key_file),
+        GITHUB_APP_PRIVATE_KEY=PEM.replace("\n", "\\n"),
+    )
+    assert settings.log_format == "text"
+    values = settings.secret_values()
+    assert {SECRET, SECRET.removeprefix("whsec_"), "api-token-for-the-test", PEM} <= set(values)
+    # The key given with `\n` escapes is masked as it is used: with real newlines.
+    assert values.count(PEM) == 2
