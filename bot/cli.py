@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -38,12 +37,16 @@ async def _with_db(work: Callable[[Any], Awaitable[int]]) -> int:
 
 
 def cmd_serve(_args: argparse.Namespace) -> int:
+    from bot.logs import configure
     from bot.service import serve
 
     settings = _settings()
-    logging.basicConfig(
+    # Once, before anything logs: every line from here on is in the chosen format, with the
+    # configured secrets masked (bot.logs).
+    configure(
         level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        fmt=settings.log_format,
+        secrets=settings.secret_values(),
         stream=sys.stderr,
     )
     asyncio.run(serve(settings))

@@ -15,14 +15,17 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from bot import logs
+from bot.metrics import CONTENT_TYPE
 from bot.service import Services
 from connectors.base import Connector, Delivery
 from connectors.errors import InboundError, PayloadTooLarge, SignatureError
 from connectors.redaction import redact_text
 from connectors.webhook import intake as webhook
 from storage.errors import NotFound
-from storage.ledger import Refusal
+from storage.ledger import IntakeResult, Refusal
 from storage.models import RequestStatus
+from storage.queries import count_pending
 from storage.requests import get_request
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,32 @@ async def post_event(request: web.Request) -> web.Response:
     delivery = await _receive(request, services.webhook)
     [event] = delivery.events
     result = await services.batcher.submit(await services.assess(event, services.webhook))
+    _accepted(services, webhook.NAME, event.delivery_id, result)
     return web.json_response(result.as_json(), status=202)
+
+
+def _accepted(services: Services, source: str, delivery_id: str, result: IntakeResult) -> None:
+    """Count and log one committed event. From here on its correlation id is its request id,
+    which the request and its outbox jobs carry to the worker (bot.logs)."""
+    services.metrics.event(source, "duplicate" if result.duplicate else "accepted")
+    correlation = result.request_id or logs.current_correlation_id()
+    log.info(
+        "event %s from %s: %s by rule %s, %s",
+        "repeated" if result.duplicate else "accepted",
+        source,
+        result.decision,
+        result.rule,
+        f"request {result.request_id} ({result.status})" if result.request_id else "no request",
+        extra={
+            "correlation_id": correlation,
+            "delivery_id": delivery_id,
+            "request_id": result.request_id,
+            "source": source,
+            "decision": result.decision,
+            "rule": result.rule,
+            "duplicate": result.duplicate,
+        },
+    )
 
 
 def hook_handler(connector: Connector) -> Handler:
@@ -90,6 +118,7 @@ def hook_handler(connector: Connector) -> Handler:
         if delivery.reply is not None:
             return web.json_response(dict(delivery.reply))
         if delivery.ignored:
+            services.metrics.event(connector.name, "ignored")
             log.info("%s: ignored a delivery: %s", connector.name, delivery.ignored)
             return web.json_response({"ignored": delivery.ignored})
         # Queued in delivery order: a batch applies them in that order.
@@ -100,6 +129,16 @@ def hook_handler(connector: Connector) -> Handler:
         ]
         results = await asyncio.gather(*accepted)
         cancels = await asyncio.gather(*cancelled)
+        for event, result in zip(delivery.events, results, strict=True):
+            _accepted(services, connector.name, event.delivery_id, result)
+        for cancel in cancels:
+            if cancel.request_id is not None:
+                log.info(
+                    "%s withdrew request %s",
+                    connector.name,
+                    cancel.request_id,
+                    extra={"correlation_id": cancel.request_id},
+                )
         return web.json_response(
             {
                 "requests": [result.as_json() for result in results],
@@ -114,12 +153,30 @@ def hook_handler(connector: Connector) -> Handler:
 async def _receive(request: web.Request, connector: Connector) -> Delivery:
     """Read, verify and parse a delivery; a refusal is audited, then answered."""
     services = request.app[SERVICES]
+    # Until the event has a request id, its lines carry the delivery's id (bot.logs).
+    given = _delivery_header(request)
+    logs.bind(f"{connector.name}:{given}" if given else logs.new_correlation_id())
     try:
         body = await read_limited(request, services.settings.max_body_bytes)
         return await connector.receive(body=body, headers=request.headers)
     except InboundError as exc:
+        services.metrics.refused(connector.name, exc.reason)
+        log.info(
+            "%s: refused a delivery from %s (%s): %s",
+            connector.name,
+            request.remote,
+            exc.reason,
+            redact_text(str(exc)[:300]),
+            extra={"source": connector.name, "reason": exc.reason},
+        )
         await _audit_refusal(services, request, exc, source=connector.name)
         raise
+
+
+def _delivery_header(request: web.Request) -> str:
+    """The source's own delivery id, cut short (it is untrusted input)."""
+    given = request.headers.get("webhook-id") or request.headers.get("X-GitHub-Delivery") or ""
+    return given[:128]
 
 
 async def _audit_refusal(
@@ -190,6 +247,22 @@ async def get_request_handler(request: web.Request) -> web.Response:
         await services.watch.wait(request_id, min(POLL_SECONDS, remaining))
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: Prometheus text format. The pending gauge is one COUNT in the database at
+    scrape time, so every replica reports the same exact figure; if the database does not
+    answer, the rest is still served and the gauge keeps its last value."""
+    services = request.app[SERVICES]
+    try:
+        async with services.sessions() as session:
+            services.metrics.pending.set(await count_pending(session))
+    except (OperationalError, DBAPIError, PoolTimeout, OSError) as exc:
+        log.warning(
+            "metrics: could not count pending requests: %s",
+            redact_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
+        )
+    return web.Response(body=services.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -217,6 +290,7 @@ def build_app(services: Services) -> web.Application:
     app.router.add_get("/v1/requests/{id}", get_request_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     for name, connector in services.connectors.items():
         if name != webhook.NAME:  # the generic connector has its own route, above
             app.router.add_post(f"/hooks/{name}", hook_handler(connector))

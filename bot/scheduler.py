@@ -21,6 +21,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.exc import SQLAlchemyError
 
 from bot.clock import Clock
+from bot.metrics import Metrics
 from bot.schedule import last_fire
 from storage.db import TransactionRunner
 from storage.digests import claim_digest
@@ -58,6 +59,7 @@ class Scheduler:
         interval: float,
         digests: DigestPlan | None = None,
         on_queued: Callable[[Sequence[str]], None] = lambda request_ids: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._runner = runner
         self._clock = clock
@@ -65,6 +67,7 @@ class Scheduler:
         self._interval = interval
         self._digests = digests
         self._on_queued = on_queued
+        self._metrics = metrics or Metrics()
         # Digests this process already claimed or saw claimed: no write to ask again.
         self._settled: set[tuple[str, datetime]] = set()
         self._apscheduler: AsyncIOScheduler | None = None
@@ -119,7 +122,11 @@ class Scheduler:
                 if item.expired_to
                 else ", ".join(f"{kind.value}{level or ''}" for kind, level in item.notices)
             )
-            log.info("request %s: %s", item.request_id, what)
+            log.info(
+                "request %s: %s", item.request_id, what, extra={"correlation_id": item.request_id}
+            )
+            if item.decided_after is not None:
+                self._metrics.decided("expiry", item.decided_after)
         return TickResult(fired, digests)
 
     async def _send_digests(self, now: datetime, jobs_at: datetime) -> list[tuple[str, datetime]]:

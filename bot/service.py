@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.clock import Clock, SystemClock
 from bot.connectors import build_connectors
+from bot.metrics import Metrics
 from bot.schedule import cron_trigger
 from bot.scheduler import DigestPlan, Scheduler
 from bot.settings import Settings
@@ -44,6 +45,7 @@ from storage.batcher import WriteBatcher
 from storage.db import TransactionRunner, create_engine, sessionmaker
 from storage.errors import DatabaseUnavailable
 from storage.ledger import Cancel, CancelResult, Intake, IntakeResult
+from storage.models import RequestStatus
 from storage.requests import StatusWatch
 from storage.schema import ensure_schema
 from storage.timers import TimerJobs
@@ -67,6 +69,7 @@ class Services:
     worker: OutboxWorker
     http: httpx.AsyncClient
     scheduler: Scheduler
+    metrics: Metrics
     slack: SlackBot | None = None
     socket_mode: AsyncSocketModeHandler | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -135,6 +138,7 @@ class Services:
             reason = redact_text(str(getattr(exc, "orig", exc)).splitlines()[0])
             raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
         sessions = sessionmaker(engine)
+        metrics = Metrics()
         baselines = Baselines(sessions)
         watch = StatusWatch()
         runner = TransactionRunner(engine)
@@ -147,7 +151,7 @@ class Services:
         the_clock = clock or SystemClock()
         if settings.slack_bot_token is not None:
             slack = _slack(
-                settings, sessions, runner, handlers, lambda rid: changed(rid), the_clock
+                settings, sessions, runner, handlers, lambda rid: changed(rid), the_clock, metrics
             )
         worker = OutboxWorker(
             sessions,
@@ -157,6 +161,7 @@ class Services:
             backoff_max=settings.outbox_backoff_max,
             lease=timedelta(seconds=max(60.0, settings.callback_timeout * 3)),
             runner=runner,
+            metrics=metrics,
         )
 
         def changed(request_id: str) -> None:
@@ -168,6 +173,10 @@ class Services:
             for result in results:
                 if isinstance(result, IntakeResult) and result.learned:
                     baselines.learned(result.learned)
+                if isinstance(result, IntakeResult) and not result.duplicate:
+                    metrics.decisions.labels(result.rule, result.decision).inc()
+                    if result.status is not None and RequestStatus(result.status).is_final:
+                        metrics.decided("policy", timedelta(0))
             if any(result.queued_jobs for result in results):
                 worker.wake()
 
@@ -186,6 +195,7 @@ class Services:
             interval=settings.timer_interval,
             digests=_digest_plan(settings, policy) if slack is not None else None,
             on_queued=queued,
+            metrics=metrics,
         )
         services = cls(
             settings=settings,
@@ -200,6 +210,7 @@ class Services:
             worker=worker,
             http=http,
             scheduler=scheduler,
+            metrics=metrics,
             slack=slack,
         )
         if slack is not None and settings.slack_app_token is not None:
@@ -237,12 +248,15 @@ def _slack(
     handlers: dict[str, Handler],
     changed: Callable[[str], None],
     clock: Clock,
+    metrics: Metrics,
 ) -> SlackBot:
     """The Slack side: client, directory, the outbox handlers that talk to Slack, the Bolt app."""
     settings.require("slack_signing_secret", purpose="verifying requests from Slack")
     assert settings.slack_bot_token is not None and settings.slack_signing_secret is not None
     client = make_client(
-        token=settings.slack_bot_token.get_secret_value(), base_url=settings.slack_api_url
+        token=settings.slack_bot_token.get_secret_value(),
+        base_url=settings.slack_api_url,
+        metrics=metrics,
     )
     directory = Directory(
         client,
@@ -258,6 +272,7 @@ def _slack(
         directory=directory,
         jobs=slack_jobs.JOBS,
         on_change=changed,
+        metrics=metrics,
     )
     commands = Commands(
         sessions=sessions,

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -68,6 +69,8 @@ class Settings(BaseSettings):
         30.0, validation_alias=_env("SIGNOFF_SHUTDOWN_GRACE")
     )
     log_level: str = Field("INFO", validation_alias=_env("SIGNOFF_LOG_LEVEL"))
+    # json: one object per line, for a log pipeline; text: for a person at a terminal.
+    log_format: Literal["json", "text"] = Field("json", validation_alias=_env("SIGNOFF_LOG_FORMAT"))
 
     slack_bot_token: SecretStr | None = Field(None, validation_alias=_env("SLACK_BOT_TOKEN"))
     slack_signing_secret: SecretStr | None = Field(
@@ -204,6 +207,34 @@ class Settings(BaseSettings):
         if upper not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return upper
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret's value, for the log formatter to mask wherever it shows up.
+        The App key file is read here too: its text is as secret as the inline key."""
+        values = [
+            value.get_secret_value()
+            for value in (
+                self.webhook_secret,
+                self.api_token,
+                self.slack_bot_token,
+                self.slack_signing_secret,
+                self.slack_app_token,
+                self.github_webhook_secret,
+                self.github_app_private_key,
+                self.alertmanager_webhook_token,
+            )
+            if value is not None
+        ]
+        if self.webhook_secret is not None:
+            # Its key's base64 without the `whsec_` prefix is the secret too.
+            values.append(self.webhook_secret.get_secret_value().removeprefix("whsec_"))
+        if self.github_app_private_key is not None:
+            # Given with `\\n` escapes, it is used (and could be printed) with real newlines.
+            values.append(self.github_app_private_key.get_secret_value().replace("\\n", "\n"))
+        if self.github_app_private_key_file is not None:
+            with contextlib.suppress(OSError):  # unreadable: start-up says so, not the logger
+                values.append(self.github_app_private_key_file.read_text())
+        return [value for value in values if value]
 
     def require(self, *names: str, purpose: str) -> None:
         """Fail with one clear line if a setting that `purpose` needs is not set."""

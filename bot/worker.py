@@ -22,6 +22,8 @@ from typing import Literal, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot import logs
+from bot.metrics import Metrics
 from bot.retry import retry_delay
 from connectors.base import SyncReceipt
 from connectors.errors import RetryableSyncError, TerminalSyncError
@@ -118,6 +120,7 @@ class OutboxWorker:
         clock: Callable[[], datetime] = _utcnow,
         name: str | None = None,
         runner: TransactionRunner | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if max_attempts < 1 or concurrency < 1 or batch < 1:
             raise ValueError("max_attempts, concurrency and batch must be at least 1")
@@ -126,6 +129,7 @@ class OutboxWorker:
         # hop to the database; without one they go through the async sessions.
         self._runner = runner
         self._outcomes = _OutcomeWriter(self._write_outcomes)
+        self._metrics = metrics or Metrics()
         self._handlers = dict(handlers)
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
@@ -249,6 +253,9 @@ class OutboxWorker:
             self._wake.set()
 
     async def _process(self, job: ClaimedJob) -> None:
+        # This task's lines (the handler's too) carry the request's correlation id, whichever
+        # process took the event in (bot.logs); a job of no request (a digest) has its own.
+        logs.bind(job.request_id or job.id)
         outcome = await self._attempt(job)
         # Once the handler has finished its side effect happened (or failed): record that even
         # if stop() cancels us now, or the next worker would repeat a finished delivery.
@@ -302,6 +309,14 @@ class OutboxWorker:
     async def _record(self, job: ClaimedJob, outcome: _Outcome) -> None:
         now = self._clock()
         if outcome.kind == "done":
+            logger.info(
+                "outbox job %s (%s) done at attempt %d",
+                job.id,
+                job.kind,
+                job.attempts,
+                extra={"job_kind": job.kind, "outcome": "done"},
+            )
+            self._metrics.outbox.labels(job.kind, "done").inc()
             receipt = outcome.receipt
             stored = Outcome.done(
                 job,
@@ -323,7 +338,9 @@ class OutboxWorker:
                 job.attempts,
                 delay,
                 clean_error(outcome.error),
+                extra={"job_kind": job.kind, "outcome": "retry"},
             )
+            self._metrics.outbox.labels(job.kind, "retry").inc()
             stored = Outcome.retry(
                 job, error=outcome.error, next_attempt_at=now + timedelta(seconds=delay)
             )
@@ -332,8 +349,13 @@ class OutboxWorker:
             if outcome.kind == "retry":
                 error = f"gave up after {job.attempts} attempts; last error: {error}"
             logger.warning(
-                "outbox job %s (%s) dead-lettered: %s", job.id, job.kind, clean_error(error)
+                "outbox job %s (%s) dead-lettered: %s",
+                job.id,
+                job.kind,
+                clean_error(error),
+                extra={"job_kind": job.kind, "outcome": "dead"},
             )
+            self._metrics.outbox.labels(job.kind, "dead").inc()
             stored = Outcome.dead(job, error=error)
         try:
             applied = await self._outcomes.submit(stored)

@@ -119,3 +119,14 @@ async def unvoted_pending(session: AsyncSession, user_id: str) -> list[Candidate
         for row in rows
         if isinstance(row.route, dict)
     ]
+
+
+async def count_pending(session: AsyncSession) -> int:
+    """Requests waiting for a decision, all channels: one COUNT on the (status, created_at)
+    index, cheap enough to run at every metrics scrape."""
+    total = await session.scalar(
+        select(func.count())
+        .select_from(Request)
+        .where(Request.status == RequestStatus.pending.value)
+    )
+    return int(total or 0)

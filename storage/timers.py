@@ -12,7 +12,7 @@ whatever came due meanwhile, because the rows still say it is due.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -76,6 +76,8 @@ class Fired:
     request_id: str
     notices: tuple[tuple[NoticeKind, int], ...] = ()
     expired_to: RequestStatus | None = None
+    # Time from the request's creation to its expiry, when it expired.
+    decided_after: timedelta | None = None
 
 
 _EXPIRY_STATUS = {
@@ -170,7 +172,7 @@ def sweep(
                 new_jobs.append(request_job(jobs.dm_outcome, "dm-outcome", row.id, queue_at))
             if jobs.update_card:
                 new_jobs.append(request_job(jobs.update_card, "card-expired", row.id, queue_at))
-            fired.append(Fired(row.id, expired_to=status))
+            fired.append(Fired(row.id, expired_to=status, decided_after=now - created))
             continue
 
         notices: list[tuple[NoticeKind, int]] = []

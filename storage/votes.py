@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -79,6 +79,8 @@ class VoteResult:
     status: RequestStatus
     # Approvals so far against what each approver entry needs: (label, have, need).
     progress: Sequence[tuple[str, int, int]]
+    # Time from the request's creation to this vote, when this vote made it final.
+    decided_after: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,12 @@ def cast(session: Session, ballot: Ballot, jobs: SlackJobs) -> VoteResult:
         )
     insert_jobs(session, new_jobs)
     append_sync(session, entries)
-    return VoteResult(vote_id=vote_id, status=status, progress=tally)
+    return VoteResult(
+        vote_id=vote_id,
+        status=status,
+        progress=tally,
+        decided_after=ballot.now - request.created_at if status.is_final else None,
+    )
 
 
 def _update_already_queued(session: Session, request_id: str, kind: str) -> bool:

@@ -6,6 +6,7 @@ Listeners call this and nothing else, so authorization and auditing are not copi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,6 +15,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot import logs
+from bot.metrics import Metrics
 from bot.slack.directory import Directory
 from policies.model import Route
 from storage.audit import append_sync
@@ -21,6 +24,8 @@ from storage.db import TransactionRunner
 from storage.models import EventRecord, Request, RequestStatus
 from storage.votes import Ballot, Choice, Refusal, SlackJobs, VoteRefused, VoteResult, cast
 from storage.votes import refusal_entry as _refusal_entry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,14 @@ class ClickService:
         directory: Directory,
         jobs: SlackJobs,
         on_change: Callable[[str], None] = lambda _request_id: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._sessions = sessions
         self._runner = runner
         self._directory = directory
         self._jobs = jobs
         self._on_change = on_change
+        self._metrics = metrics or Metrics()
         # Route and actor never change for a request id, so they are read once.
         self._targets: dict[str, _Target | None] = {}
 
@@ -125,6 +132,7 @@ class ClickService:
     async def precheck(self, click: Click) -> Refusal | None:
         """Would this click be refused? Used before opening the reject modal, so nobody types
         a reason for a click that cannot count. Writes nothing; the vote itself re-checks."""
+        logs.bind(click.request_id[:64])
         target = await self._target(click.request_id)
         if target is None:
             return Refusal.not_found
@@ -146,6 +154,9 @@ class ClickService:
         return None if ballot.groups else Refusal.not_approver
 
     async def vote(self, click: Click) -> VoteResult | Refusal:
+        # The request id is the event's correlation id (bot.logs); the ids are Slack's and ours,
+        # but bounded here since the button value came over the wire.
+        logs.bind(click.request_id[:64])
         target = await self._target(click.request_id)
         ballot: Ballot | None = None
         try:
@@ -156,8 +167,23 @@ class ClickService:
             ballot = await self._ballot(click, target)
             result = await self._runner.run(lambda session: cast(session, ballot, self._jobs))
         except VoteRefused as refused:
+            self._metrics.refusals.labels("slack", refused.refusal.name).inc()
+            log.info(
+                "click by %s refused: %s",
+                click.user_id[:32],
+                refused.refusal.name,
+                extra={"reason": refused.refusal.name},
+            )
             await self._audit_refusal(click, ballot, refused.refusal)
             return refused.refusal
+        log.info(
+            "vote by %s (%s) counted; request is %s",
+            click.user_id[:32],
+            click.choice.value,
+            result.status.value,
+        )
+        if result.decided_after is not None:
+            self._metrics.decided("vote", result.decided_after)
         self._on_change(click.request_id)
         return result
 

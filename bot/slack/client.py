@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.metrics import Metrics
 from connectors.errors import RetryableSyncError, SyncBackError, TerminalSyncError
 
 # Slack errors that will not go away by themselves; each gets a hint for the operator.
@@ -33,12 +36,34 @@ TRANSIENT = frozenset(
 )
 
 
-def make_client(*, token: str, base_url: str) -> AsyncWebClient:
+class MeteredClient(AsyncWebClient):
+    """Counts every failed call by method and error code. Every Web API method of the SDK goes
+    through `api_call`, so cards, clicks, directory lookups and notices are all counted."""
+
+    def __init__(self, *, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._metrics = metrics
+
+    async def api_call(self, api_method: str, **kwargs: Any) -> Any:
+        try:
+            return await super().api_call(api_method, **kwargs)
+        except SlackApiError as exc:
+            status = exc.response.status_code
+            code = exc.response.get("error") if isinstance(exc.response.data, dict) else None
+            self._metrics.slack_error(api_method, str(code) if code else f"http_{status}")
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            self._metrics.slack_error(api_method, "connection")
+            raise
+
+
+def make_client(*, token: str, base_url: str, metrics: Metrics | None = None) -> AsyncWebClient:
     """A client that retries one rate-limited call itself, honouring Retry-After; anything
     longer is left to the outbox, which waits without holding a worker."""
     if not base_url.endswith("/"):
         base_url += "/"
-    return AsyncWebClient(
+    return MeteredClient(
+        metrics=metrics or Metrics(),
         token=token,
         base_url=base_url,
         timeout=10,
