@@ -4,6 +4,7 @@ and the Slack stand-in checked for what changed (or did not)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -64,6 +65,21 @@ async def audit_rows(env: SlackRunning) -> list[tuple[str, str, dict[str, Any]]]
     async with env.services.sessions() as session:
         rows = await session.scalars(select(AuditRecord).order_by(AuditRecord.seq))
         return [(r.kind, r.actor, r.data) for r in rows]
+
+
+async def settled(env: SlackRunning) -> None:
+    """Until no outbox job is pending or running (the rest are done or dead)."""
+    for _ in range(200):
+        async with env.services.sessions() as session:
+            busy = await session.scalar(
+                select(func.count())
+                .select_from(OutboxJob)
+                .where(OutboxJob.status.in_(["pending", "running"]))
+            )
+        if not busy:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the outbox did not settle")
 
 
 async def snapshot(env: SlackRunning) -> tuple[int, list[tuple[str, str, int]], int]:
@@ -227,6 +243,7 @@ async def test_non_operator_replay_is_refused_audited_and_changes_nothing(
     assert await click(env, "signoff_approve", request, "UA1") == 200
     await wait_for_job(env, request["request_id"], "webhook.callback", is_dead)
     env.sink.fail_with = None
+    await settled(env)  # the click's card update, reply and DM land first: they are not ours
     audits, jobs, _ = await snapshot(env)
 
     shown = texts(await command(env, f"replay {request['request_id']}", user="UA1"))
