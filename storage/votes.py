@@ -42,6 +42,9 @@ class Refusal(StrEnum):
     own_team = "you are on the team that started this action, so you may not approve it"
     already_voted = "you have already voted on this request"
     reason_required = "a reject needs a reason"
+    # Who may approve is Slack's to say (user groups, the actor's account); when Slack does not
+    # answer (rate limit, outage) the click can be neither counted nor refused for good.
+    unverified = "Slack did not answer while checking who may approve; click again in a moment"
 
 
 class VoteRefused(StorageError):
