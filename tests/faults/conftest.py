@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,11 @@ from bot.slack.cards import button_value
 from bot.slack.jobs import POST_CARD
 from bot.slack.standin import DEFAULT_TOKEN, RecordedCall, SlackStandIn
 from storage.db import create_engine, sessionmaker
-from storage.models import AuditRecord, EventRecord, JobStatus, OutboxJob, Request
+from storage.models import AuditRecord, EventRecord, JobStatus, OutboxJob, Request, Vote
 from tests.e2e.conftest import API_TOKEN, Serve
 from tests.integration.conftest import SLACK_USERS
 from tests.slack_support import SIGNING_SECRET, block_action, signed
-from tests.support import POLICY, SECRET, CallbackSink, free_port, run_signoff, sign
+from tests.support import POLICY, SECRET, CallbackSink, Delivery, free_port, run_signoff, sign
 
 CHANNELS = ("C0FINANCE", "C0APPROVALS")
 
@@ -180,6 +180,23 @@ async def click(
     assert response.status_code == 200, response.text
 
 
+async def vote(
+    client: httpx.AsyncClient, base_url: str, db_url: str, request_id: str, user: str
+) -> int:
+    """Click Approve until the vote is counted, as an approver told "click again" does;
+    returns how many clicks it took."""
+    for clicks in range(1, 60):
+        await click(client, base_url, request_id, user)
+        async with database(db_url) as sessions, sessions() as session:
+            counted = await session.scalar(
+                select(Vote.id).where(Vote.request_id == request_id, Vote.user_id == user)
+            )
+        if counted is not None:
+            return clicks
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"the vote of {user} on {request_id} was never counted")
+
+
 # --- waiting and reading the database ----------------------------------------------------------
 
 
@@ -251,7 +268,7 @@ class Outcome:
     db_url: str
     env: dict[str, str]
     source: Source
-    sink: CallbackSink | None = None
+    sinks: Sequence[CallbackSink] = ()
     slack: SlackStandIn | None = None
 
     async def check(self, *, thread_replies: dict[str, int] | None = None) -> None:
@@ -310,8 +327,11 @@ class Outcome:
             assert ("event.received", event.id) in audited, event
 
         # No side effect applied twice: each callback key delivered once, none missing.
-        if self.sink is not None:
-            delivered = self.sink.unique_deliveries()
+        if self.sinks:
+            delivered: dict[str, list[Delivery]] = {}
+            for sink in self.sinks:
+                for key, copies in sink.unique_deliveries().items():
+                    delivered.setdefault(key, []).extend(copies)
             repeated = {key: len(d) for key, d in delivered.items() if len(d) > 1}
             assert not repeated, f"callbacks delivered more than once: {repeated}"
             assert set(delivered) == sync_keys, set(delivered) ^ sync_keys

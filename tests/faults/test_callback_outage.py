@@ -50,7 +50,7 @@ async def test_callbacks_retried_through_an_outage_then_delivered_once(tmp_path:
         sink.fail_with = None
         await sink.wait_for(EVENTS, timeout=20)
         try:
-            await Outcome(db_url, env, source, sink=sink).check()
+            await Outcome(db_url, env, source, sinks=[sink]).check()
         finally:
             await sink.stop()
         assert await failed_attempts() > refused, "the 503s were recorded as failed attempts"

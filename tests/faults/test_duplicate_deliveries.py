@@ -91,4 +91,4 @@ async def test_each_delivery_three_times_at_once_is_one_request(
 
             await wait_until(cards_posted, what="every routed request's card")
             await sink.wait_for(DELIVERIES - len(routed))
-            await Outcome(db_url, env, source, sink=sink, slack=slack).check()
+            await Outcome(db_url, env, source, sinks=[sink], slack=slack).check()
