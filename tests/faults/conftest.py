@@ -271,13 +271,15 @@ class Outcome:
     sinks: Sequence[CallbackSink] = ()
     slack: SlackStandIn | None = None
 
-    async def check(self, *, thread_replies: dict[str, int] | None = None) -> None:
+    async def check(
+        self, *, thread_replies: dict[str, int] | None = None, settle: float = 60.0
+    ) -> None:
         """No accepted event lost, no side effect applied twice, the audit chain verifies.
 
         Waits for the outbox to settle first. `thread_replies` (request id -> votes) also
         checks that each vote's thread reply was posted once.
         """
-        await wait_for_outbox(self.db_url)
+        await wait_for_outbox(self.db_url, settle)
         await asyncio.sleep(0.5)  # a repeat in flight would land now
         async with database(self.db_url) as sessions, sessions() as session:
             events = {
