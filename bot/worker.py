@@ -40,6 +40,9 @@ from storage.outbox import (
 
 logger = logging.getLogger(__name__)
 
+# How often an outcome that could not be written (the database is away) is tried again.
+OUTCOME_RETRY = timedelta(seconds=0.5)
+
 
 class Handler(Protocol):
     """Performs one job's side effect. Returning means done (with a receipt worth keeping, or
@@ -357,15 +360,31 @@ class OutboxWorker:
             )
             self._metrics.outbox.labels(job.kind, "dead").inc()
             stored = Outcome.dead(job, error=error)
-        try:
-            applied = await self._outcomes.submit(stored)
-        except (SQLAlchemyError, OSError):
-            # The outcome is lost, not the job: it stays running until its lease expires and
-            # is then attempted again. The loop keeps going for the other jobs.
-            logger.exception(
-                "outbox job %s: could not record the outcome of attempt %d", job.id, job.attempts
-            )
-            return
+        while True:
+            try:
+                applied = await self._outcomes.submit(stored)
+                break
+            except (SQLAlchemyError, OSError):
+                # The far side has seen this attempt. An outcome left unwritten makes the job
+                # run again when its lease expires: a repeat that a callback receiver has to
+                # dedupe and that Slack cannot (a second card). A database restart or failover
+                # is over in seconds, so keep trying while the claim is still ours; past the
+                # lease (or when stopping) the outcome is lost, not the job: it is attempted
+                # again. The loop keeps going for the other jobs meanwhile.
+                retry_at = self._clock() + OUTCOME_RETRY
+                if self._stopping or retry_at >= job.locked_until:
+                    logger.exception(
+                        "outbox job %s: could not record the outcome of attempt %d",
+                        job.id,
+                        job.attempts,
+                    )
+                    return
+                logger.warning(
+                    "outbox job %s: could not record the outcome of attempt %d yet, retrying",
+                    job.id,
+                    job.attempts,
+                )
+                await asyncio.sleep(OUTCOME_RETRY.total_seconds())
         if not applied:
             logger.warning(
                 "outbox job %s: attempt %d finished after its lease was taken over; "

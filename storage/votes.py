@@ -42,6 +42,9 @@ class Refusal(StrEnum):
     own_team = "you are on the team that started this action, so you may not approve it"
     already_voted = "you have already voted on this request"
     reason_required = "a reject needs a reason"
+    # Who may approve is Slack's to say (user groups, the actor's account); when Slack does not
+    # answer (rate limit, outage) the click can be neither counted nor refused for good.
+    unverified = "Slack did not answer while checking who may approve; click again in a moment"
 
 
 class VoteRefused(StorageError):
@@ -244,7 +247,12 @@ def cast(session: Session, ballot: Ballot, jobs: SlackJobs) -> VoteResult:
             new_jobs.append(sync_back_job(request.id, request.sync_kind, ballot.now))
         if jobs.dm_outcome and event.body.get("actor"):
             new_jobs.append(request_job(jobs.dm_outcome, "dm-outcome", request.id, ballot.now))
-    if jobs.update_card and not _update_already_queued(session, request.id, jobs.update_card):
+    # The deciding vote always queues its own update: the outcome must reach the card even if
+    # an earlier update, which may still be retrying, ends dead-lettered.
+    decided = status is not RequestStatus.pending
+    if jobs.update_card and (
+        decided or not _update_already_queued(session, request.id, jobs.update_card)
+    ):
         new_jobs.append(
             request_job(jobs.update_card, f"card-update-vote-{vote_id}", request.id, ballot.now)
         )

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import logs
 from bot.metrics import Metrics
+from bot.slack.client import SlackFailure
 from bot.slack.directory import Directory
 from policies.model import Route
 from storage.audit import append_sync
@@ -150,7 +151,10 @@ class ClickService:
             return Refusal.superseded
         if target.route is None:
             return Refusal.decided
-        ballot = await self._ballot(click, target)
+        try:
+            ballot = await self._ballot(click, target)
+        except SlackFailure:
+            return Refusal.unverified
         return None if ballot.groups else Refusal.not_approver
 
     async def vote(self, click: Click) -> VoteResult | Refusal:
@@ -159,12 +163,20 @@ class ClickService:
         logs.bind(click.request_id[:64])
         target = await self._target(click.request_id)
         ballot: Ballot | None = None
+        detail = ""
         try:
             if target is None:
                 raise VoteRefused(Refusal.not_found)
             if target.route is None:
                 raise VoteRefused(Refusal.decided)
-            ballot = await self._ballot(click, target)
+            try:
+                ballot = await self._ballot(click, target)
+            except SlackFailure as exc:
+                # A rate-limited or unreachable Slack used to escape as a 500 to Slack, which
+                # shows the clicker a bare error and keeps no trace of the click. Refuse it,
+                # audited, and tell the clicker to try again: nothing was decided.
+                detail = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                raise VoteRefused(Refusal.unverified) from exc
             result = await self._runner.run(lambda session: cast(session, ballot, self._jobs))
         except VoteRefused as refused:
             self._metrics.refusals.labels("slack", refused.refusal.name).inc()
@@ -174,7 +186,7 @@ class ClickService:
                 refused.refusal.name,
                 extra={"reason": refused.refusal.name},
             )
-            await self._audit_refusal(click, ballot, refused.refusal)
+            await self._audit_refusal(click, ballot, refused.refusal, detail=detail)
             return refused.refusal
         log.info(
             "vote by %s (%s) counted; request is %s",
@@ -187,6 +199,8 @@ class ClickService:
         self._on_change(click.request_id)
         return result
 
-    async def _audit_refusal(self, click: Click, ballot: Ballot | None, refusal: Refusal) -> None:
-        entry = _refusal_entry(ballot or click.ballot(), refusal)
+    async def _audit_refusal(
+        self, click: Click, ballot: Ballot | None, refusal: Refusal, *, detail: str = ""
+    ) -> None:
+        entry = _refusal_entry(ballot or click.ballot(), refusal, detail=detail)
         await self._runner.run(lambda session: append_sync(session, [entry]))

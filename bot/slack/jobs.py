@@ -4,12 +4,15 @@ retried or replayed job sends the request as it stands, never a stale copy."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from slack_sdk.errors import SlackObjectFormationError
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.slack.cards import build_card, outcome_dm, vote_reply_text
@@ -27,6 +30,10 @@ UPDATE_CARD = "slack.update_card"
 THREAD_REPLY = "slack.thread_reply"
 DM_OUTCOME = "slack.dm_outcome"
 JOBS = SlackJobs(update_card=UPDATE_CARD, thread_reply=THREAD_REPLY, dm_outcome=DM_OUTCOME)
+# How often a card's ts that could not be stored (the database is away) is tried again.
+STORE_RETRY = timedelta(seconds=0.5)
+
+log = logging.getLogger(__name__)
 
 
 class SlackJobHandlers:
@@ -80,16 +87,31 @@ class SlackJobHandlers:
             raise TerminalSyncError(f"request {request.id} has no route, so no channel")
         channel = str(request.route["channel"])
         response = await self.call("chat.postMessage", channel=channel, **self._card_payload(view))
-        async with self._sessions.begin() as session:
-            await session.execute(
-                update(Request)
-                .where(Request.id == request.id, Request.card_ts.is_(None))
-                .values(card_channel=response["channel"], card_ts=response["ts"])
-            )
+        await self._remember_card(job, request.id, str(response["channel"]), str(response["ts"]))
         view = await self.view(job)
         if view.request.status != RequestStatus.pending.value:
             # Decided (or superseded) while the post was in flight: show the outcome.
             await self._update(view)
+
+    async def _remember_card(self, job: ClaimedJob, request_id: str, channel: str, ts: str) -> None:
+        """Store where the card went. The post is done and Slack cannot dedupe a second one:
+        if this write were lost (the database restarting, failing over), the job's retry
+        would post the card again. So a database that is away is waited for while the job's
+        claim lasts, as the worker does for outcomes."""
+        while True:
+            try:
+                async with self._sessions.begin() as session:
+                    await session.execute(
+                        update(Request)
+                        .where(Request.id == request_id, Request.card_ts.is_(None))
+                        .values(card_channel=channel, card_ts=ts)
+                    )
+                return
+            except (SQLAlchemyError, OSError):
+                if datetime.now(UTC) + STORE_RETRY >= job.locked_until:
+                    raise
+                log.warning("card of %s posted, storing its ts failed; retrying", request_id)
+                await asyncio.sleep(STORE_RETRY.total_seconds())
 
     async def require_card(self, view: RequestView) -> tuple[str, str]:
         request = view.request

@@ -1,0 +1,1 @@
+"""Fault injection: real processes, real local servers, the faults production sees."""
