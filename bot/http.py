@@ -4,10 +4,12 @@ and map Signoff's errors to status codes in one middleware, so no input can prod
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -176,6 +178,16 @@ async def get_request_handler(request: web.Request) -> web.Response:
         await services.watch.wait(request_id, min(POLL_SECONDS, remaining))
 
 
+@functools.cache
+def openapi_document() -> str:
+    """The OpenAPI document of these routes, as shipped in the package (`bot/openapi.yaml`)."""
+    return resources.files("bot").joinpath("openapi.yaml").read_text(encoding="utf-8")
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    return web.Response(text=openapi_document(), content_type="application/yaml")
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -203,6 +215,7 @@ def build_app(services: Services) -> web.Application:
     app.router.add_get("/v1/requests/{id}", get_request_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.yaml", openapi)
     for name, connector in services.connectors.items():
         if name != webhook.NAME:  # the generic connector has its own route, above
             app.router.add_post(f"/hooks/{name}", hook_handler(connector))
