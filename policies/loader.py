@@ -196,8 +196,9 @@ class _Reader:
             elif isinstance(node, ScalarNode) and node.tag != _MERGE_TAG:
                 try:
                     SafeConstructor().construct_document(node)
-                except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
-                    # SafeConstructor's own errors, and int()/date() refusing a tagged value.
+                except (yaml.YAMLError, ValueError, TypeError, IndexError, OverflowError) as exc:
+                    # SafeConstructor's own errors, int()/date() refusing a tagged value, and an
+                    # empty `!!int` (PyYAML indexes its first character).
                     why = getattr(exc, "problem", None) or str(exc)
                     tag = node.tag.replace(_YAML_TAG_PREFIX, "!!")
                     self.problem(_line(node), f"cannot read a {tag} value: {_first(why)}")

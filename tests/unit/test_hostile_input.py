@@ -328,6 +328,7 @@ def test_yaml_bombs_and_bad_tags_are_problems_not_crashes() -> None:
         (deep, "YAML nested too deeply"),
         (laughs, "unknown key 'j' at the top level"),
         ("rules:\n  - name: !!int abc\n", "cannot read a !!int value"),
+        ("rules:\n  - name: !!int\n", "cannot read a !!int value"),  # IndexError in PyYAML
         ("default: {decide: !!python/name:os.system x}\n", "cannot read a !!python/name"),
         ("rules:\n  - name: x\n    when: !!timestamp 2020-99-99\n", "cannot read a !!timestamp"),
     ]:
