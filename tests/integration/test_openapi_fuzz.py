@@ -11,12 +11,10 @@ beyond loopback: fuzzed callback URLs are dropped before signing.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,11 +34,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from bot.http import build_app
-from bot.service import Services
-from bot.settings import load_settings
 from tests.github_support import APP_ID, WEBHOOK_SECRET, app_key_pem
 from tests.integration import conftest as app_conftest
+from tests.live import LoopThread
 from tests.support import SECRET, free_port
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "bot" / "openapi.yaml"
@@ -64,55 +60,8 @@ schema = schemathesis.openapi.from_path(DOCUMENT)
 
 
 class LiveApp:
-    """Signoff on a real port, served by an event loop in its own thread."""
-
-    def __init__(self, settings_: dict[str, object]) -> None:
-        self.port = free_port()
-        self._settings = settings_
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported to the test thread
-            self._error = exc
-            self._ready.set()
-
-    async def _serve(self) -> None:
-        from aiohttp import web
-
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        services = await Services.start(load_settings(**self._settings))
-        runner = web.AppRunner(build_app(services))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
-            await services.close()
-
-    def __enter__(self) -> LiveApp:
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +76,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
         GITHUB_APP_PRIVATE_KEY=app_key_pem(),
         ALERTMANAGER_WEBHOOK_TOKEN=AM_TOKEN,
     )
-    with LiveApp(settings_) as app:
-        yield app
+    # The app's loop runs in a thread of its own: schemathesis calls it with a blocking client.
+    with LoopThread() as loop:
+        app = loop.enter(app_conftest.running_app(settings_))
+        yield LiveApp(str(app.client.make_url("/")))
 
 
 @pytest.fixture(scope="module")
