@@ -203,6 +203,32 @@ def test_forged_slack_signatures_are_401(env: Env, signature, timestamp, mutate)
     assert status == 401, answer
 
 
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        # Each of these was a 500: Bolt's listener matching indexes `actions[0]`, its request
+        # context calls len() on `response_urls`, and it parses the body before verifying it.
+        (urlencode({"payload": json.dumps({**BLOCK_ACTIONS, "actions": None})}), "actions"),
+        (urlencode({"payload": json.dumps({**VIEW_SUBMISSION, "response_urls": None})}), "null"),
+        (urlencode({"payload": json.dumps({**BLOCK_ACTIONS, "user": "U0X1"})}), "user"),
+        ("payload=%7Bnot-json", "payload is not JSON"),
+        (urlencode({"payload": "[1]"}), "payload is not a JSON object"),
+    ],
+)
+def test_signed_payloads_bolt_cannot_read_are_400(env: Env, body: str, error: str) -> None:
+    status, answer = env.post(body, signed(body))
+    assert status == 400 and error in json.loads(answer)["error"], answer
+
+
+def test_unreadable_signature_parts_are_401(env: Env) -> None:
+    body = slash_command("pending", user="UA1")
+    for timestamp in ("abc", "1e9", "-1", " 1", ""):
+        headers = {**signed(body), "x-slack-request-timestamp": timestamp}
+        assert env.post(body, headers)[0] == 401, timestamp
+    # Bytes that are not UTF-8 cannot be what Slack signed.
+    assert env.post(b"payload=\xff\xfe", signed("payload=\ufffd\ufffd"))[0] == 401
+
+
 def test_a_stale_slack_signature_is_401(env: Env) -> None:
     body = slash_command("pending", user="UA1")
     status, _ = env.post(body, signed(body, timestamp=1_600_000_000))
