@@ -4,10 +4,12 @@ and map Signoff's errors to status codes in one middleware, so no input can prod
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
@@ -263,6 +265,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=services.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
+@functools.cache
+def openapi_document() -> str:
+    """The OpenAPI document of these routes, as shipped in the package (`bot/openapi.yaml`)."""
+    return resources.files("bot").joinpath("openapi.yaml").read_text(encoding="utf-8")
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    return web.Response(text=openapi_document(), content_type="application/yaml")
+
+
 async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -291,6 +303,7 @@ def build_app(services: Services) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.yaml", openapi)
     for name, connector in services.connectors.items():
         if name != webhook.NAME:  # the generic connector has its own route, above
             app.router.add_post(f"/hooks/{name}", hook_handler(connector))

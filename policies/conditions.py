@@ -25,6 +25,17 @@ Limits, because a probe is one concrete event and not a type checker:
 
 Whatever gets past the probe is caught at runtime: the rule does not match, its trace step says
 why, and the gateway fails closed (see ``policies.gateway``).
+
+Cost. CEL has no loops, but its comprehension macros (``all``, ``exists``, ``exists_one``,
+``map``, ``filter``) nest, and the engine has no cost limit, no timeout, and runs on the event
+loop's thread: three nested ``map`` over a 100-element list literal took 9 s here, and two nested
+comprehensions over an event's list (``event.attributes.ids.all(a, event.attributes.ids.exists(b,
+a == b))``) cost the square of what a sender puts in a body. So a condition is refused at load
+(before the probe runs it) when a comprehension nests inside another one over anything but a
+part of the outer element (``event.attributes.items.all(i, i.tags.exists(t, t == "x"))`` is
+fine: its cost is the size of the data), or when ``in`` searches an event list inside a
+comprehension. What is left costs at most the event's size times the expression's size, both
+bounded (``SIGNOFF_MAX_BODY_BYTES``, ``MAX_CONDITION_LENGTH``).
 """
 
 from __future__ import annotations
@@ -67,6 +78,15 @@ _ERROR_WIDTH = 200
 _DYNAMIC_MAPS = frozenset({"attributes", "context"})
 
 
+# Longer conditions are refused: no real policy needs one, and the engine's compile time grows
+# faster than linearly with the source (a 9 MB expression took 40 s).
+MAX_CONDITION_LENGTH = 4000
+_MACRO_CALL = re.compile(r"\.\s*(all|exists_one|exists|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+# The start of the operand a macro is called on: `event.attributes.ids`, `x.tags`, `[1, 2]`...
+_OPERAND_ROOT = re.compile(r"([A-Za-z_]\w*)[\w.\s]*$")
+_IN_EVENT = re.compile(r"(?<![\w.])in\s+event\b")
+
+
 @dataclass(frozen=True, slots=True)
 class Condition:
     """A compiled `when`. ``paths`` are the ``event.<path>`` references, for explanations."""
@@ -79,7 +99,12 @@ class Condition:
 
 
 def compile_condition(source: str, *, key: str = "when") -> Condition | str:
-    """The compiled condition, or a message saying where its syntax is wrong."""
+    """The compiled condition, or a message saying where its syntax or its cost is wrong."""
+    if len(source) > MAX_CONDITION_LENGTH:
+        return f"`{key}` is {len(source)} characters long, the limit is {MAX_CONDITION_LENGTH}"
+    costly = _unbounded_comprehension(source, key)
+    if costly is not None:
+        return costly
     try:
         program = cel.compile(source)
     except ValueError as exc:
@@ -91,6 +116,53 @@ def compile_condition(source: str, *, key: str = "when") -> Condition | str:
     return Condition(
         source=source, program=program, paths=tuple(paths), text=" ".join(source.split())
     )
+
+
+def _blank_strings(source: str) -> str:
+    """The source with each string literal's content blanked, positions kept."""
+    return _STRING_LITERAL.sub(lambda m: '"' + " " * (len(m.group(0)) - 2) + '"', source)
+
+
+def _unbounded_comprehension(source: str, key: str) -> str | None:
+    """Why the condition's cost is not bounded by the event's size (module docstring), or None."""
+    text = _blank_strings(source)
+    # (start of the arguments, end of the arguments, iteration variable) per macro call.
+    spans: list[tuple[int, int, str]] = []
+    for match in _MACRO_CALL.finditer(text):
+        end = _closing(text, match.start() + match.group(0).index("("))
+        enclosing = [span for span in spans if span[0] < match.start() < span[1]]
+        if enclosing:
+            root = _OPERAND_ROOT.search(text[: match.start()])
+            variables = {span[2] for span in enclosing}
+            if root is None or root.group(1) not in variables:
+                operand = text[: match.start()].rsplit(None, 1)[-1][-40:] if root else "a list"
+                return (
+                    f"`{key}` nests `{match.group(1)}` over {operand} inside another"
+                    " comprehension: the cost is the product of both sizes, which an event can"
+                    " make unbounded (only a part of the outer element may be iterated, e.g."
+                    " `items.all(i, i.tags.exists(t, ...))`)"
+                )
+        spans.append((match.end(), end, match.group(2)))
+    for start, end, _ in spans:
+        if _IN_EVENT.search(text, start, end):
+            return (
+                f"`{key}` searches an event list with `in` inside a comprehension: the cost is"
+                " the product of both sizes, which an event can make unbounded"
+            )
+    return None
+
+
+def _closing(text: str, opening: int) -> int:
+    """The index of the parenthesis closing the one at `opening` (the end if unbalanced)."""
+    depth = 0
+    for index in range(opening, len(text)):
+        if text[index] == "(":
+            depth += 1
+        elif text[index] == ")":
+            depth -= 1
+            if depth == 0:
+                return index
+    return len(text)
 
 
 def _syntax_message(raw: str, key: str) -> str:

@@ -41,6 +41,9 @@ _RULE_KEYS = ("name", "when", "decide", "route", "shadow", "description")
 _DEFAULT_KEYS = ("decide", "route")
 _SUFFIXES = (".yaml", ".yml")
 _DURATION_HINT = "use e.g. 45s, 30m, 2h, 1d, 1h30m"
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+# `<<` keys: not a value of their own (and not a key a policy knows: reported as unknown).
+_MERGE_TAG = _YAML_TAG_PREFIX + "merge"
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -143,9 +146,16 @@ class _Reader:
             self.unreadable = True
             self.problem(0, f"YAML error: {exc}")
             return
+        except RecursionError:
+            # PyYAML composes recursively: a few hundred nested `[` exhaust Python's stack.
+            self.unreadable = True
+            self.problem(0, "YAML nested too deeply")
+            return
         if root is None:
             return  # An empty file: nothing to add.
-        self.check_duplicate_keys(root)
+        if not self.check_nodes(root):
+            self.unreadable = True
+            return
         if not isinstance(root, MappingNode):
             self.problem(_line(root), "a policy file is a mapping with `rules` and `default`")
             return
@@ -157,19 +167,43 @@ class _Reader:
             else:
                 self.read_default(entry)
 
-    def check_duplicate_keys(self, node: Node) -> None:
-        # PyYAML keeps the last of two equal keys without a word; a policy must not.
-        if isinstance(node, MappingNode):
-            seen: set[str] = set()
-            for key, value in node.value:
-                if isinstance(key, ScalarNode):
-                    if key.value in seen:
-                        self.problem(_line(key), f"duplicate key {key.value!r}")
-                    seen.add(key.value)
-                self.check_duplicate_keys(value)
-        elif isinstance(node, SequenceNode):
-            for item in node.value:
-                self.check_duplicate_keys(item)
+    def check_nodes(self, root: Node) -> bool:
+        """Duplicate keys, and scalars that cannot be read as their tag says (`!!int abc`,
+        `!!python/object`); False if any scalar could not be read.
+
+        Each node is visited once: an alias is the same node object as its anchor, so a
+        "billion laughs" document (anchors of anchors) costs its size, not its expansion.
+        """
+        readable = True
+        visited: set[int] = set()
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            if isinstance(node, MappingNode):
+                # PyYAML keeps the last of two equal keys without a word; a policy must not.
+                seen: set[str] = set()
+                for key, value in node.value:
+                    if isinstance(key, ScalarNode):
+                        if key.value in seen:
+                            self.problem(_line(key), f"duplicate key {key.value!r}")
+                        seen.add(key.value)
+                    stack.extend((key, value))
+            elif isinstance(node, SequenceNode):
+                stack.extend(node.value)
+            elif isinstance(node, ScalarNode) and node.tag != _MERGE_TAG:
+                try:
+                    SafeConstructor().construct_document(node)
+                except (yaml.YAMLError, ValueError, TypeError, IndexError, OverflowError) as exc:
+                    # SafeConstructor's own errors, int()/date() refusing a tagged value, and an
+                    # empty `!!int` (PyYAML indexes its first character).
+                    why = getattr(exc, "problem", None) or str(exc)
+                    tag = node.tag.replace(_YAML_TAG_PREFIX, "!!")
+                    self.problem(_line(node), f"cannot read a {tag} value: {_first(why)}")
+                    readable = False
+        return readable
 
     def entries(self, node: MappingNode, allowed: tuple[str, ...], where: str) -> Iterator[_Entry]:
         """The mapping's known keys; unknown ones are reported."""
@@ -440,6 +474,10 @@ class _Reader:
                     _line_at(entry.node, loc, entry.line),
                     f"{label}: {_path(loc)}: unknown duration {value!r} ({_DURATION_HINT})",
                 )
+
+
+def _first(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:200]
 
 
 def _line(node: Node) -> int:

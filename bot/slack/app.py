@@ -20,6 +20,8 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_bolt.authorization import AuthorizeResult
+from slack_bolt.request.internals import parse_body
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -45,6 +47,7 @@ from bot.slack.modals import (
     build_reject_modal,
     build_silence_modal,
 )
+from bot.slack.payload import shape_problem
 from connectors.alertmanager.silences import DURATIONS
 from storage.errors import NotFound
 from storage.requests import RequestView, get_request
@@ -82,6 +85,10 @@ def _where(body: dict[str, Any]) -> tuple[str, str]:
 def _reason(values: dict[str, Any]) -> str:
     entered = (values.get(REASON_BLOCK, {}).get(REASON_ACTION, {}) or {}).get("value") or ""
     return str(entered).strip()
+
+
+def _refused(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
 
 
 class _WithoutTokenNotice(logging.Filter):
@@ -125,6 +132,7 @@ class SlackBot:
         async def authorize(enterprise_id: str | None, team_id: str | None) -> AuthorizeResult:
             return await self._authorize(enterprise_id, team_id)
 
+        self._verifier = SignatureVerifier(signing_secret)
         self.app = AsyncApp(
             client=client,
             signing_secret=signing_secret,
@@ -164,7 +172,32 @@ class SlackBot:
         return self._identity
 
     async def handle(self, request: web.Request) -> web.Response:
-        """The aiohttp route for `POST /slack/events`."""
+        """The aiohttp route for `POST /slack/events`: Slack's signature, then the payload's
+        shape (`bot.slack.payload`), then Bolt. Bolt verifies the signature again; it is checked
+        here first because Bolt parses the body before verifying it, and a body that does not
+        parse (a `payload=` that is not JSON, bytes that are not UTF-8) made that a 500."""
+        raw = await request.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _refused(401, "invalid request")  # Slack signs UTF-8 text: this is not it
+        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        signature = request.headers.get("X-Slack-Signature", "")
+        # slack_sdk's verifier calls int() on the timestamp: anything but digits is refused here.
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            return _refused(401, "invalid request")
+        if not self._verifier.is_valid(body=text, timestamp=timestamp, signature=signature):
+            return _refused(401, "invalid request")
+        try:
+            body = parse_body(text, request.content_type)
+        except ValueError:
+            return _refused(400, "payload is not JSON")
+        if not isinstance(body, dict):
+            return _refused(400, "payload is not a JSON object")
+        problem = shape_problem(body)
+        if problem is not None:
+            log.info("refused a signed Slack payload: %s", problem)
+            return _refused(400, problem)
         response = await self.app.async_dispatch(await to_bolt_request(request))
         return await to_aiohttp_response(response)
 

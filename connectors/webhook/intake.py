@@ -14,6 +14,11 @@ from connectors.events import Event, EventBody
 from connectors.webhook.signature import StandardWebhooks
 
 NAME = "webhook"
+# JSON nesting accepted in any inbound body. Python's parser stops near 1,000 levels, but what
+# comes after it does not go that far: pydantic refuses to serialise past a few hundred ("Maximum
+# serialization depth exceeded" turned a 300-level `attributes` into a 500 at commit time).
+# Real payloads are shallow: GitHub's deepest is under 10 levels.
+MAX_DEPTH = 64
 # The outbox job kind that sends a decision to the event's callback_url.
 SYNC_KIND = "webhook.callback"
 
@@ -40,7 +45,22 @@ def json_object(body: bytes) -> dict[str, Any]:
         raise MalformedPayload("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise MalformedPayload("body must be a JSON object")
+    if _deeper_than(data, MAX_DEPTH):
+        raise MalformedPayload(f"body is nested deeper than {MAX_DEPTH} levels")
     return data
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend(
+                (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+            )
+    return False
 
 
 def refuse_nul(data: dict[str, Any]) -> dict[str, Any]:
