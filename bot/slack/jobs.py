@@ -5,7 +5,9 @@ retried or replayed job sends the request as it stands, never a stale copy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,6 +48,24 @@ class SlackJobHandlers:
         self._sessions = sessions
         self._client = client
         self._directory = directory
+        # Per request: [its lock, how many updates hold or wait for it].
+        self._card_locks: dict[str, list[Any]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _one_update_at_a_time(self, request_id: str) -> AsyncIterator[None]:
+        """Updates of one card render and send one after another. Concurrent updates could
+        otherwise land in any order (a rate-limited one is re-sent by the client after its
+        Retry-After), and an older render landing last would show a stale card, buttons and
+        all, for a decided request. In sequence, the last one sent is the last one rendered."""
+        entry = self._card_locks.setdefault(request_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._card_locks[request_id]
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -81,7 +101,7 @@ class SlackJobHandlers:
         request = view.request
         if request.card_ts:
             # Posted by an earlier attempt that crashed before finishing: bring it up to date.
-            await self._update(view)
+            await self._update(job)
             return
         if request.route is None:
             raise TerminalSyncError(f"request {request.id} has no route, so no channel")
@@ -91,7 +111,7 @@ class SlackJobHandlers:
         view = await self.view(job)
         if view.request.status != RequestStatus.pending.value:
             # Decided (or superseded) while the post was in flight: show the outcome.
-            await self._update(view)
+            await self._update(job)
 
     async def _remember_card(self, job: ClaimedJob, request_id: str, channel: str, ts: str) -> None:
         """Store where the card went. The post is done and Slack cannot dedupe a second one:
@@ -126,12 +146,15 @@ class SlackJobHandlers:
         # Updates and replies wait for the card, so they always land after it, in order.
         raise RetryableSyncError(f"the card of {request.id} is not posted yet ({post})")
 
-    async def _update(self, view: RequestView) -> None:
-        channel, ts = await self.require_card(view)
-        await self.call("chat.update", channel=channel, ts=ts, **self._card_payload(view))
+    async def _update(self, job: ClaimedJob) -> None:
+        async with self._one_update_at_a_time(str(job.payload["request_id"])):
+            # Read inside the lock: the render reflects every change before this update.
+            view = await self.view(job)
+            channel, ts = await self.require_card(view)
+            await self.call("chat.update", channel=channel, ts=ts, **self._card_payload(view))
 
     async def update_card(self, *, job: ClaimedJob) -> None:
-        await self._update(await self.view(job))
+        await self._update(job)
 
     async def thread_reply(self, *, job: ClaimedJob) -> None:
         view = await self.view(job)
