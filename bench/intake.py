@@ -342,8 +342,8 @@ async def measure(args: argparse.Namespace, callback: str | None) -> None:
     try:
         await wait_ready(f"http://127.0.0.1:{bare_port}/", bare)
         base = f"http://127.0.0.1:{bare_port}"
-        await run_load(base, args, callback, seconds=1, rate_hint=20000)
-        baseline = await run_load(base, args, callback, seconds=args.seconds, rate_hint=20000)
+        await run_load(base, args, callback, seconds=1, rate_hint=40000)
+        baseline = await run_load(base, args, callback, seconds=args.seconds, rate_hint=40000)
     finally:
         bare.terminate()
         bare.wait()

@@ -143,7 +143,7 @@ class Services:
         watch = StatusWatch()
         runner = TransactionRunner(engine)
         handlers: dict[str, Handler] = {
-            connector.sync_kind: SyncBack(sessions, connector)
+            connector.sync_kind: SyncBack(runner, connector)
             for connector in connectors.values()
             if connector.sync_kind is not None
         }

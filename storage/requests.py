@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from connectors.base import FinalDecision, Voter
 from storage import audit
@@ -105,12 +106,11 @@ async def get_request(session: AsyncSession, request_id: str) -> RequestView:
     return RequestView(request, event, votes, jobs)
 
 
-async def get_decision(
-    session: AsyncSession, request_id: str, *, idempotency_key: str
-) -> FinalDecision:
-    """What a sync-back needs: the request's decision, its votes and the event it was for."""
+def read_decision(session: Session, request_id: str, *, idempotency_key: str) -> FinalDecision:
+    """What a sync-back needs: the request's decision, its votes and the event it was for
+    (synchronous, for `storage.db.TransactionRunner`: one hop for both queries)."""
     row = (
-        await session.execute(
+        session.execute(
             select(
                 Request.id,
                 Request.subject,
@@ -128,7 +128,7 @@ async def get_decision(
     if row is None:
         raise NotFound(f"no request {request_id!r}")
     votes = (
-        await session.execute(
+        session.execute(
             select(Vote.user_id, Vote.user_name, Vote.choice, Vote.reason, Vote.params)
             .where(Vote.request_id == request_id)
             .order_by(Vote.id)
@@ -154,6 +154,15 @@ async def get_decision(
             for v in votes
         ],
         idempotency_key=idempotency_key,
+    )
+
+
+async def get_decision(
+    session: AsyncSession, request_id: str, *, idempotency_key: str
+) -> FinalDecision:
+    """`read_decision` on an async session."""
+    return await session.run_sync(
+        lambda sync: read_decision(sync, request_id, idempotency_key=idempotency_key)
     )
 
 
