@@ -1,7 +1,7 @@
 """Soak: a mixed load of intake, clicks and callbacks against `signoff serve` for a few minutes,
 then the invariants. Bounded in time and count, loopback only.
 
-    .venv/bin/python bench/soak.py [--seconds 180] [--concurrency 8] [--postgres URL]
+    .venv/bin/python bench/soak.py [--seconds 180] [--rate 30] [--concurrency 8] [--postgres URL]
 
 Half the events are small refunds (auto-approved: a signed callback each), half are routed to a
 user group (a card each); every routed one is then approved by a click, which decides it and
@@ -106,9 +106,14 @@ async def user_loop(
     deadline: float,
     callback: str,
     rng: random.Random,
+    interval: float,
 ) -> None:
-    """One simulated source + approver: post an event; if routed, approve it with a click."""
+    """One simulated source + approver: post an event; if routed, approve it with a click; at
+    most one event per `interval` seconds, so the load is one the service can sustain."""
+    next_at = time.monotonic()
     while time.monotonic() < deadline:
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         small = rng.random() < 0.5
         raw, headers = sign(
             event_body(attributes={"amount": 100 if small else 9000}, callback_url=callback)
@@ -228,6 +233,7 @@ async def soak(args: argparse.Namespace, database_url: str, tmp: Path) -> int:
     tally, warm = Tally(), Tally()
     clicks, rng = Clicks(), random.Random(7)  # noqa: S311 (load shape, not security)
     callback = f"http://127.0.0.1:{receiver_port}/cb"
+    interval = args.concurrency / args.rate
     try:
         await wait_ready(f"{base}/healthz", serve)
         connector = aiohttp.TCPConnector(limit=args.concurrency)
@@ -235,7 +241,7 @@ async def soak(args: argparse.Namespace, database_url: str, tmp: Path) -> int:
             warm_deadline = time.monotonic() + WARM_UP
             await asyncio.gather(
                 *(
-                    user_loop(base, session, clicks, warm, warm_deadline, callback, rng)
+                    user_loop(base, session, clicks, warm, warm_deadline, callback, rng, interval)
                     for _ in range(args.concurrency)
                 )
             )
@@ -244,7 +250,7 @@ async def soak(args: argparse.Namespace, database_url: str, tmp: Path) -> int:
             deadline = started + args.seconds
             await asyncio.gather(
                 *(
-                    user_loop(base, session, clicks, tally, deadline, callback, rng)
+                    user_loop(base, session, clicks, tally, deadline, callback, rng, interval)
                     for _ in range(args.concurrency)
                 )
             )
@@ -280,7 +286,8 @@ async def soak(args: argparse.Namespace, database_url: str, tmp: Path) -> int:
     growth = (rss_end - rss_start) / rss_start
     print(
         f"soak: {args.seconds:g} s after {WARM_UP:g} s warm-up, {args.concurrency} simulated "
-        f"sources/approvers, {'PostgreSQL' if 'postgresql' in database_url else 'SQLite'}"
+        f"sources/approvers, {args.rate:g} events/s offered, "
+        f"{'PostgreSQL' if 'postgresql' in database_url else 'SQLite'}"
     )
     print(
         f"  events accepted: {len(tally.accepted):,} ({len(tally.accepted) / elapsed:.0f}/s), "
@@ -322,6 +329,13 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=30.0,
+        help="events per second in all (half of them routed and clicked): a sustained load, "
+        "not the maximum (bench/intake.py and bench/clicks.py measure that)",
+    )
     parser.add_argument("--postgres", help="server URL where a scratch database may be created")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
