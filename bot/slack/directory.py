@@ -70,27 +70,27 @@ class Directory:
 
     async def in_group(self, user_id: str, group: str) -> bool:
         now = self._clock()
-        entry = self._groups.get(group)
-        if entry is None or now - entry.fetched_at > self._ttl:
+        entry = self._cached(group, now)
+        if entry is None:
             entry = await self._fetch(group)
         elif user_id not in entry.members and now - entry.last_miss_refresh >= self._miss_refresh:
+            # A member added since the last fetch: look again, at most once per interval.
             entry = await self._fetch(group)
             entry.last_miss_refresh = now
         return user_id in entry.members
 
     async def members(self, group: str) -> frozenset[str]:
         """The group's members, from the cache while it is fresh."""
-        entry = self._groups.get(group)
-        if entry is None or self._clock() - entry.fetched_at > self._ttl:
-            entry = await self._fetch(group)
+        entry = self._cached(group, self._clock()) or await self._fetch(group)
         return entry.members
 
-    async def group_id(self, group: str) -> str | None:
-        """The id (`S...`) of a group named by id or handle; None if Slack has no such group."""
-        return await self._group_id(group)
+    def _cached(self, group: str, now: float) -> _Entry | None:
+        """The group's cached entry while it is fresh, else None."""
+        entry = self._groups.get(group)
+        return entry if entry is not None and now - entry.fetched_at <= self._ttl else None
 
     async def _fetch(self, group: str) -> _Entry:
-        group_id = await self._group_id(group)
+        group_id = await self.group_id(group)
         members: frozenset[str] = frozenset()
         if group_id is not None:
             response = await self._client.usergroups_users_list(usergroup=group_id)
@@ -100,8 +100,9 @@ class Directory:
         self._groups[group] = entry
         return entry
 
-    async def _group_id(self, group: str) -> str | None:
-        """A group is named by id (`S0123`) or handle (`finance-leads`, `@finance-leads`)."""
+    async def group_id(self, group: str) -> str | None:
+        """The id (`S...`) of a group named by id (`S0123`) or handle (`finance-leads`,
+        `@finance-leads`); None if Slack has no such group."""
         handle = group.removeprefix("@")
         if handle[:1] == "S" and handle.isupper() and handle.isalnum():
             return handle
