@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import func, select
 
 from bot.clock import Clock
 from bot.http import build_app
 from bot.service import Services
 from bot.settings import load_settings
 from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn
+from storage.models import OutboxJob
 from tests.slack_support import SIGNING_SECRET
 from tests.support import POLICY, SECRET, CallbackSink
 
@@ -127,3 +131,23 @@ async def slack_app(
 async def slack_running(db_url: str) -> AsyncIterator[SlackRunning]:
     async with slack_app(db_url) as env:
         yield env
+
+
+async def outbox_settled(running: Running, *, only_due: bool = False) -> None:
+    """Until no outbox job is pending or running (the rest are done or dead). With
+    `only_due`, pending jobs not due yet (a retry's backoff) do not count."""
+    for _ in range(200):
+        running.services.worker.wake()
+        query = (
+            select(func.count())
+            .select_from(OutboxJob)
+            .where(OutboxJob.status.in_(["pending", "running"]))
+        )
+        if only_due:
+            query = query.where(OutboxJob.next_attempt_at <= datetime.now(UTC))
+        async with running.services.sessions() as session:
+            busy = await session.scalar(query)
+        if not busy:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the outbox did not settle")

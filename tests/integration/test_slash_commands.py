@@ -4,7 +4,6 @@ and the Slack stand-in checked for what changed (or did not)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +15,7 @@ from sqlalchemy import delete, func, select, update
 
 from bot.slack.jobs import POST_CARD
 from storage.models import AuditRecord, OutboxJob, Request
-from tests.integration.conftest import SlackRunning, slack_app
+from tests.integration.conftest import SlackRunning, outbox_settled, slack_app
 from tests.integration.test_slack_failures import is_dead, is_done, wait_for_job
 from tests.integration.test_slack_flow import card_posted, click, routed
 from tests.slack_support import signed, slash_command
@@ -65,21 +64,6 @@ async def audit_rows(env: SlackRunning) -> list[tuple[str, str, dict[str, Any]]]
     async with env.services.sessions() as session:
         rows = await session.scalars(select(AuditRecord).order_by(AuditRecord.seq))
         return [(r.kind, r.actor, r.data) for r in rows]
-
-
-async def settled(env: SlackRunning) -> None:
-    """Until no outbox job is pending or running (the rest are done or dead)."""
-    for _ in range(200):
-        async with env.services.sessions() as session:
-            busy = await session.scalar(
-                select(func.count())
-                .select_from(OutboxJob)
-                .where(OutboxJob.status.in_(["pending", "running"]))
-            )
-        if not busy:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the outbox did not settle")
 
 
 async def snapshot(env: SlackRunning) -> tuple[int, list[tuple[str, str, int]], int]:
@@ -243,7 +227,7 @@ async def test_non_operator_replay_is_refused_audited_and_changes_nothing(
     assert await click(env, "signoff_approve", request, "UA1") == 200
     await wait_for_job(env, request["request_id"], "webhook.callback", is_dead)
     env.sink.fail_with = None
-    await settled(env)  # the click's card update, reply and DM land first: they are not ours
+    await outbox_settled(env)  # the click's card update, reply and DM land first: they are not ours
     audits, jobs, _ = await snapshot(env)
 
     shown = texts(await command(env, f"replay {request['request_id']}", user="UA1"))

@@ -4,16 +4,15 @@ notice goes out once, a restart catches up, and expired stays distinct from reje
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.clock import ManualClock
-from storage.models import AuditRecord, OutboxJob, Request
-from tests.integration.conftest import SlackRunning, slack_app
+from storage.models import AuditRecord, Request
+from tests.integration.conftest import SlackRunning, outbox_settled, slack_app
 from tests.integration.test_slack_flow import click
 from tests.slack_support import signed, view_submission
 from tests.support import event_body, sign
@@ -57,23 +56,6 @@ async def routed(env: SlackRunning) -> str:
     return str(answer["request_id"])
 
 
-async def settled(env: SlackRunning) -> None:
-    """Until the outbox has nothing left to do now (pending jobs due later don't count)."""
-    for _ in range(200):
-        env.services.worker.wake()
-        async with env.services.sessions() as session:
-            busy = await session.scalar(
-                select(func.count())
-                .select_from(OutboxJob)
-                .where(OutboxJob.status.in_(["pending", "running"]))
-                .where(OutboxJob.next_attempt_at <= datetime.now(UTC))
-            )
-        if not busy:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the outbox did not settle")
-
-
 def thread(env: SlackRunning, card_ts: str) -> list[str]:
     return [m.text for m in env.slack.messages("C0FINANCE", thread_ts=card_ts)]
 
@@ -101,7 +83,7 @@ async def test_the_escalation_ladder_walked_with_a_controlled_clock(
     clock = ManualClock(datetime.now(UTC))
     async with slack_app(db_url, clock=clock, SIGNOFF_POLICY_PATH=policy(tmp_path)) as env:
         request_id = await routed(env)
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         request = await card(env, request_id)
         assert request.card_ts is not None
         tick = env.services.scheduler.tick
@@ -112,7 +94,7 @@ async def test_the_escalation_ladder_walked_with_a_controlled_clock(
         clock.advance(timedelta(minutes=2))  # 31m: the SLA is breached
         [fired] = (await tick()).fired
         assert [k.value for k, _ in fired.notices] == ["sla_breached"]
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         assert any("SLA of 30m breached" in text for text in thread(env, request.card_ts))
         # The reminder DMs the approvers who have not voted: the finance leads.
         assert all(any("past its SLA" in t for t in dms(env, u)) for u in ("UA1", "UA2"))
@@ -122,26 +104,26 @@ async def test_the_escalation_ladder_walked_with_a_controlled_clock(
         clock.advance(timedelta(minutes=15))  # 46m: level 1
         [fired] = (await tick()).fired
         assert [(k.value, n) for k, n in fired.notices] == [("escalation", 1)]
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         level_1 = [t for t in thread(env, request.card_ts) if "Escalation, level 1" in t]
         assert len(level_1) == 1 and "<!subteam^S0APP>" in level_1[0]
         assert "Escalated* (level 1 of 2)" in await card_text(env, await card(env, request_id))
 
         clock.advance(timedelta(hours=1, minutes=15))  # 2h01m: level 2, the CFO by DM
         await tick()
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         assert any("escalation level 2" in t for t in dms(env, "U0CFO"))
 
         clock.advance(timedelta(hours=21))  # 23h01m: the expiry warning
         [fired] = (await tick()).fired
         assert [k.value for k, _ in fired.notices] == ["expiry_warning"]
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         assert any("Expires" in t and "it expires" in t for t in thread(env, request.card_ts))
 
         clock.advance(timedelta(hours=1))  # 24h01m: expired
         [fired] = (await tick()).fired
         assert fired.expired_to is not None and fired.expired_to.value == "expired"
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         final = await card(env, request_id)
         assert final.status == "expired"
         assert final.reason == "expired: no decision within 1d"
@@ -174,10 +156,10 @@ async def test_on_expiry_approve_is_said_and_synced_as_approved(
     settings = {"SIGNOFF_POLICY_PATH": policy(tmp_path, on_expiry="approve")}
     async with slack_app(db_url, clock=clock, **settings) as env:
         request_id = await routed(env)
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         clock.advance(timedelta(hours=25))
         await env.services.scheduler.tick()
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         request = await card(env, request_id)
     assert request.status == "approved"
     assert "on_expiry: approve" in request.reason
@@ -188,7 +170,7 @@ async def test_a_vote_deciding_first_wins_over_the_sweep(db_url: str, tmp_path: 
     clock = ManualClock(datetime.now(UTC))
     async with slack_app(db_url, clock=clock, SIGNOFF_POLICY_PATH=policy(tmp_path)) as env:
         request_id = await routed(env)
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         answer = {"request_id": request_id, "version": "1"}
         assert await click(env, "signoff_reject", answer, "UA1") == 200  # opens the modal
         [opened] = await env.slack.wait_for_calls("views.open")
@@ -204,7 +186,7 @@ async def test_a_vote_deciding_first_wins_over_the_sweep(db_url: str, tmp_path: 
         assert response.status == 200
         clock.advance(timedelta(hours=25))
         assert (await env.services.scheduler.tick()).fired == []
-        await settled(env)
+        await outbox_settled(env, only_due=True)
         request = await card(env, request_id)
     assert request.status == "rejected"
     assert [d.body["status"] for d in env.sink.deliveries] == ["rejected"]
@@ -217,7 +199,7 @@ async def test_a_restart_catches_up_on_what_came_due_while_down(
     settings = {"SIGNOFF_POLICY_PATH": policy(tmp_path)}
     async with slack_app(db_url, clock=clock, **settings) as env:
         request_id = await routed(env)
-        await settled(env)
+        await outbox_settled(env, only_due=True)
     # Down for 3 hours: the SLA, both escalation levels came due meanwhile.
     clock.advance(timedelta(hours=3))
     async with slack_app(db_url, clock=clock, **settings) as env:
