@@ -24,6 +24,7 @@ from connectors.base import Connector, Delivery
 from connectors.errors import InboundError, PayloadTooLarge, SignatureError
 from connectors.redaction import redact_text
 from connectors.webhook import intake as webhook
+from storage.db import reading
 from storage.errors import NotFound
 from storage.ledger import IntakeResult, Refusal
 from storage.models import RequestStatus
@@ -240,7 +241,7 @@ async def get_request_handler(request: web.Request) -> web.Response:
         return _error(400, f"wait must be between 0 and {MAX_WAIT_SECONDS:g} seconds")
     deadline = time.monotonic() + wait
     while True:
-        async with services.sessions() as session:
+        async with reading(services.sessions) as session:
             view = await get_request(session, request_id)
         remaining = deadline - time.monotonic()
         final = RequestStatus(view.request.status).is_final
@@ -255,7 +256,7 @@ async def metrics(request: web.Request) -> web.Response:
     answer, the rest is still served and the gauge keeps its last value."""
     services = request.app[SERVICES]
     try:
-        async with services.sessions() as session:
+        async with reading(services.sessions) as session:
             services.metrics.pending.set(await count_pending(session))
     except (OperationalError, DBAPIError, PoolTimeout, OSError) as exc:
         log.warning(

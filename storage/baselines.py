@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from policies.anomaly import BaselineId, BaselineState, Measurement, observe
+from storage.db import reading
 from storage.models import AnomalyBaseline, table_of
 
 _COLUMNS = (
@@ -103,7 +104,7 @@ class Baselines:
         if ident in self._cache:
             self._cache.move_to_end(ident)
             return self._cache[ident]
-        async with self._sessions() as session:
+        async with reading(self._sessions) as session:
             row = await session.get(AnomalyBaseline, ident)
         state = None if row is None else BaselineState(row.count, row.mean, row.variance)
         # Another request may have learned a newer state while this one read: keep that one.

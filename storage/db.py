@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -81,12 +82,30 @@ def _tune_sqlite(engine: AsyncEngine | Engine) -> None:
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         # IMMEDIATE takes the write lock up front. A deferred transaction that reads first and
-        # writes later can fail with SQLITE_BUSY on upgrade even with a busy timeout.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # writes later can fail with SQLITE_BUSY on upgrade even with a busy timeout. Sessions
+        # that only read (`reading`) begin deferred: under WAL they neither take nor wait for
+        # the write lock, so they never queue behind (or hold up) the writers.
+        read_only = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# Execution option marking a session's transaction as read-only (see `reading`).
+_READ_ONLY = "signoff_read_only"
+
+
+@contextlib.asynccontextmanager
+async def reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session for reads only. On SQLite its transaction begins deferred instead of taking
+    the write lock (as every other transaction here does), so polls, long polls and card
+    renders do not serialise with the writers. A write in it is a bug: under contention SQLite
+    refuses the upgrade with SQLITE_BUSY. PostgreSQL ignores the mark."""
+    async with sessions() as session:
+        await session.connection(execution_options={_READ_ONLY: True})
+        yield session
 
 
 class TransactionRunner:
