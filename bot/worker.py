@@ -14,13 +14,14 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from bot import logs
 from bot.metrics import Metrics
@@ -32,7 +33,6 @@ from storage.outbox import (
     ClaimedJob,
     Outcome,
     any_due,
-    claim,
     claim_sync,
     clean_error,
     record_outcomes,
@@ -49,6 +49,14 @@ class Handler(Protocol):
     None); raise RetryableSyncError or TerminalSyncError to say how it failed."""
 
     async def __call__(self, *, job: ClaimedJob) -> SyncReceipt | None: ...
+
+
+@runtime_checkable
+class PreparingHandler(Handler, Protocol):
+    """A handler that reads what its jobs need in the claim's own transaction, for the whole
+    claimed batch at once (job id -> `ClaimedJob.prepared`), instead of a read per job."""
+
+    def prepare(self, session: Session, jobs: Sequence[ClaimedJob]) -> Mapping[str, Any]: ...
 
 
 def _utcnow() -> datetime:
@@ -118,8 +126,8 @@ class OutboxWorker:
         backoff_max: float,
         poll_interval: float = 0.5,
         lease: timedelta = timedelta(seconds=60),
-        batch: int = 16,
-        concurrency: int = 8,
+        batch: int = 32,
+        concurrency: int = 32,
         clock: Callable[[], datetime] = _utcnow,
         name: str | None = None,
         runner: TransactionRunner | None = None,
@@ -225,21 +233,46 @@ class OutboxWorker:
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         now = self._clock()
+
+        def claim_and_prepare(session: Session) -> list[ClaimedJob]:
+            return self._prepare(
+                session, claim_sync(session, limit=limit, lease=self._lease, now=now)
+            )
+
         try:
-            if self._runner is None:
-                return await claim(
-                    self._sessions, worker=self.name, limit=limit, lease=self._lease, now=now
-                )
             if not await any_due(self._sessions, now=now):
                 return []
-            return await self._runner.run(
-                lambda session: claim_sync(session, limit=limit, lease=self._lease, now=now)
-            )
+            if self._runner is not None:
+                return await self._runner.run(claim_and_prepare)
+            async with self._sessions.begin() as session:
+                return await session.run_sync(claim_and_prepare)
         except (SQLAlchemyError, OSError):
             # The loop must outlive a database outage or failover: log, wait a poll interval,
             # try again. Nothing was claimed, so nothing is lost.
             logger.exception("outbox worker %s could not claim jobs", self.name)
             return []
+
+    def _prepare(self, session: Session, jobs: list[ClaimedJob]) -> list[ClaimedJob]:
+        """Let each preparing handler read for its claimed jobs, in the claim's transaction."""
+        by_kind: dict[str, list[ClaimedJob]] = {}
+        for job in jobs:
+            by_kind.setdefault(job.kind, []).append(job)
+        prepared: dict[str, Any] = {}
+        for kind, batch in by_kind.items():
+            handler = self._handlers.get(kind)
+            if not isinstance(handler, PreparingHandler):
+                continue
+            try:
+                prepared.update(handler.prepare(session, batch))
+            except SQLAlchemyError:
+                raise  # the claim is rolled back with it and tried again at the next poll
+            except Exception:
+                # A bug in a prepare step must not stop the claims of every other job: its jobs
+                # run unprepared, and their handlers read (and fail) on their own.
+                logger.exception("outbox: preparing %d %s job(s) failed", len(batch), kind)
+        return [
+            replace(job, prepared=prepared[job.id]) if job.id in prepared else job for job in jobs
+        ]
 
     def _start(self, job: ClaimedJob) -> None:
         task = asyncio.create_task(self._process(job), name=f"outbox:{job.id}")

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from connectors.redaction import redact_text
 from storage.audit import AuditEntry, append, append_sync
+from storage.db import reading
 from storage.errors import InvalidTransition, NotFound
 from storage.models import JobStatus, OutboxJob, Request, RequestStatus, new_id, table_of
 
@@ -88,6 +89,9 @@ class ClaimedJob:
     payload: dict[str, Any]
     attempts: int
     locked_until: datetime
+    # What the handler's `prepare` read for this job in the claim's own transaction (bot.worker),
+    # or None: the handler then reads for itself.
+    prepared: Any = None
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,7 @@ def _is_due(now: datetime) -> ColumnElement[bool]:
 async def any_due(sessions: async_sessionmaker[AsyncSession], *, now: datetime) -> bool:
     """A read-only look: most polls find nothing, and on SQLite an empty claim would still take
     the write lock and queue behind (and hold up) the intake's writer."""
-    async with sessions() as session:
+    async with reading(sessions) as session:
         return await session.scalar(select(OutboxJob.id).where(_is_due(now)).limit(1)) is not None
 
 
@@ -268,17 +272,6 @@ async def claim(
         )
 
 
-def _still_ours(job: ClaimedJob) -> ColumnElement[bool]:
-    # `attempts` alone is not enough: a replay resets it, so after expiry, dead-lettering and
-    # a replay a new claim can carry the same number. `locked_until` differs between claims.
-    return and_(
-        OutboxJob.id == job.id,
-        OutboxJob.status == JobStatus.running.value,
-        OutboxJob.attempts == job.attempts,
-        OutboxJob.locked_until == job.locked_until,
-    )
-
-
 @dataclass(frozen=True)
 class Outcome:
     """How one claimed attempt ended: what its row and its audit record will say."""
@@ -334,35 +327,60 @@ class Outcome:
 def record_outcomes(session: Session, outcomes: Sequence[Outcome], *, now: datetime) -> list[bool]:
     """Write attempts' outcomes and their audit records in the caller's transaction.
 
-    Each applies only if its claim still holds (see `_still_ours`); the result says which did.
-    Many outcomes share one transaction: under load the worker finishes jobs faster than one
-    commit each would allow.
+    Each applies only if its claim still holds: the job is running under this very claim. Its
+    `attempts` alone would not say so: a replay resets it, so after expiry, dead-lettering and a
+    replay a new claim can carry the same number; `locked_until` differs between claims. The
+    result says which applied.
+    Many outcomes share one transaction, and outcomes that set the same values (every plain
+    "done" of a batch) share one guarded UPDATE: under load the worker finishes jobs faster
+    than a commit, or a statement, each would allow.
     """
-    applied: list[bool] = []
-    entries: list[AuditEntry] = []
-    for outcome in outcomes:
-        job = outcome.job
+    # Outcomes go in groups that share their values; a job twice in one batch (its lease ran
+    # out and it was claimed again) goes in another group, so what each UPDATE returns is
+    # unambiguous: a job's id among them means this very claim still held.
+    groups: dict[tuple[str, int], list[int]] = {}
+    times_seen: dict[str, int] = {}
+    for index, outcome in enumerate(outcomes):
+        seen = times_seen[outcome.job.id] = times_seen.get(outcome.job.id, -1) + 1
+        groups.setdefault((repr(sorted(outcome.values.items())), seen), []).append(index)
+    applied = [False] * len(outcomes)
+    for members in groups.values():
+        claims = [
+            (outcomes[i].job.id, outcomes[i].job.attempts, outcomes[i].job.locked_until)
+            for i in members
+        ]
         statement = (
             update(OutboxJob)
-            .where(_still_ours(job))
-            .values(updated_at=now, locked_until=None, **outcome.values)
+            .where(
+                OutboxJob.status == JobStatus.running.value,
+                tuple_(OutboxJob.id, OutboxJob.attempts, OutboxJob.locked_until).in_(claims),
+            )
+            .values(updated_at=now, locked_until=None, **outcomes[members[0]].values)
             .returning(OutboxJob.id)
             .execution_options(synchronize_session=False)
         )
-        ok = session.execute(statement).scalar_one_or_none() is not None
-        applied.append(ok)
-        if ok:
-            entries.append(
-                AuditEntry(
-                    kind=outcome.audit_kind,
-                    actor=OUTBOX_ACTOR,
-                    data={"job_id": job.id, "kind": job.kind, "attempt": job.attempts}
-                    | outcome.audit_data,
-                    request_id=job.request_id,
-                    at=now,
-                )
+        updated = set(session.execute(statement).scalars())
+        for i in members:
+            applied[i] = outcomes[i].job.id in updated
+    append_sync(
+        session,
+        [
+            AuditEntry(
+                kind=outcome.audit_kind,
+                actor=OUTBOX_ACTOR,
+                data={
+                    "job_id": outcome.job.id,
+                    "kind": outcome.job.kind,
+                    "attempt": outcome.job.attempts,
+                }
+                | outcome.audit_data,
+                request_id=outcome.job.request_id,
+                at=now,
             )
-    append_sync(session, entries)
+            for outcome, ok in zip(outcomes, applied, strict=True)
+            if ok
+        ],
+    )
     return applied
 
 

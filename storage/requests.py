@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -109,41 +109,41 @@ async def get_request(session: AsyncSession, request_id: str) -> RequestView:
 def read_decision(session: Session, request_id: str, *, idempotency_key: str) -> FinalDecision:
     """What a sync-back needs: the request's decision, its votes and the event it was for
     (synchronous, for `storage.db.TransactionRunner`: one hop for both queries)."""
-    row = (
-        session.execute(
-            select(
-                Request.id,
-                Request.subject,
-                Request.version,
-                Request.status,
-                Request.decided_by,
-                Request.reason,
-                Request.decided_at,
-                EventRecord.body,
-            )
-            .join(EventRecord, EventRecord.id == Request.event_id)
-            .where(Request.id == request_id)
-        )
-    ).one_or_none()
-    if row is None:
+    decision = read_decisions(session, {request_id: idempotency_key}).get(request_id)
+    if decision is None:
         raise NotFound(f"no request {request_id!r}")
-    votes = (
-        session.execute(
-            select(Vote.user_id, Vote.user_name, Vote.choice, Vote.reason, Vote.params)
-            .where(Vote.request_id == request_id)
-            .order_by(Vote.id)
+    return decision
+
+
+def read_decisions(session: Session, keys: Mapping[str, str]) -> dict[str, FinalDecision]:
+    """`read_decision` for several requests at once (request id -> idempotency key), in two
+    queries whatever their number; requests that do not exist are left out."""
+    if not keys:
+        return {}
+    ids = list(keys)
+    rows = session.execute(
+        select(
+            Request.id,
+            Request.subject,
+            Request.version,
+            Request.status,
+            Request.decided_by,
+            Request.reason,
+            Request.decided_at,
+            EventRecord.body,
         )
+        .join(EventRecord, EventRecord.id == Request.event_id)
+        .where(Request.id.in_(ids))
     ).all()
-    return FinalDecision(
-        request_id=row.id,
-        subject=row.subject,
-        version=row.version,
-        status=row.status,
-        decided_by=row.decided_by or [],
-        reason=row.reason or "",
-        decided_at=row.decided_at,
-        event=row.body,
-        votes=[
+    if not rows:
+        return {}
+    votes: dict[str, list[Voter]] = defaultdict(list)
+    for v in session.execute(
+        select(Vote.request_id, Vote.user_id, Vote.user_name, Vote.choice, Vote.reason, Vote.params)
+        .where(Vote.request_id.in_(ids))
+        .order_by(Vote.id)
+    ):
+        votes[v.request_id].append(
             Voter(
                 id=v.user_id,
                 name=v.user_name,
@@ -151,10 +151,22 @@ def read_decision(session: Session, request_id: str, *, idempotency_key: str) ->
                 reason=v.reason,
                 params=v.params or {},
             )
-            for v in votes
-        ],
-        idempotency_key=idempotency_key,
-    )
+        )
+    return {
+        row.id: FinalDecision(
+            request_id=row.id,
+            subject=row.subject,
+            version=row.version,
+            status=row.status,
+            decided_by=row.decided_by or [],
+            reason=row.reason or "",
+            decided_at=row.decided_at,
+            event=row.body,
+            votes=votes.get(row.id, []),
+            idempotency_key=keys[row.id],
+        )
+        for row in rows
+    }
 
 
 async def get_decision(

@@ -27,7 +27,7 @@ from connectors.base import FinalDecision, Voter
 from connectors.errors import RetryableSyncError, TerminalSyncError
 from connectors.webhook.callback import callback_payload, deliver_callback
 from storage import audit
-from storage.models import AuditRecord, JobStatus
+from storage.models import AuditRecord, JobStatus, OutboxJob
 from storage.outbox import ClaimedJob, JobView, enqueue, get_job, replay
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -520,3 +520,49 @@ async def test_stop_finishes_quick_jobs_and_leaves_slow_ones_leased(sessions):
     assert slow_job.locked_until is not None
     assert slow_job.locked_until > datetime.now(UTC)
     assert [r.kind for r in await _audit(sessions)] == ["sync.delivered"]
+
+
+class Preparing:
+    """A preparing handler: reads each claimed job's row in the claim's transaction, and sees
+    the claim's own update there (so the read really is inside that transaction)."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail = fail
+        self.prepare_calls: list[list[str]] = []
+        self.seen: dict[str, Any] = {}
+
+    def prepare(self, session: Any, jobs: Sequence[ClaimedJob]) -> dict[str, Any]:
+        self.prepare_calls.append(sorted(job.id for job in jobs))
+        if self.fail:
+            raise ValueError("bug in prepare")
+        rows = session.execute(
+            select(OutboxJob.id, OutboxJob.status).where(OutboxJob.id.in_([j.id for j in jobs]))
+        )
+        return {row.id: {"status_in_claim": row.status} for row in rows}
+
+    async def __call__(self, *, job: ClaimedJob) -> None:
+        self.seen[job.id] = job.prepared
+
+
+async def test_a_preparing_handler_reads_for_the_whole_claim_in_its_transaction(sessions):
+    ids = [await _enqueue(sessions, "u", f"k{i}") for i in range(5)]
+    handler = Preparing()
+    async with running(sessions, {KIND: handler}, batch=16, concurrency=16):
+        for job_id in ids:
+            await _until(sessions, job_id, JobStatus.done)
+
+    # One prepare for the claimed batch, not one per job; each job got its own row's read,
+    # taken after the claim marked it running (same transaction).
+    assert handler.prepare_calls == [sorted(ids)]
+    assert handler.seen == {job_id: {"status_in_claim": "running"} for job_id in ids}
+
+
+async def test_a_failing_prepare_leaves_its_jobs_to_run_unprepared(sessions):
+    job_id = await _enqueue(sessions, "u", "k")
+    handler = Preparing(fail=True)
+    async with running(sessions, {KIND: handler}):
+        job = await _until(sessions, job_id, JobStatus.done, JobStatus.dead)
+
+    assert job.status is JobStatus.done
+    assert job.attempts == 1
+    assert handler.seen == {job_id: None}

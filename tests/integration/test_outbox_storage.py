@@ -378,3 +378,45 @@ async def test_concurrent_claims_never_share_a_job(db_url, engine):
     async with sessions() as session:
         attempts = (await session.scalars(select(OutboxJob.attempts))).all()
     assert set(attempts) == {1}
+
+
+async def test_a_batch_of_outcomes_applies_each_only_under_its_own_claim(sessions):
+    from storage.outbox import Outcome, record_outcomes
+
+    taken_over = await _enqueue(sessions, "k0")
+    [stale] = await claim(sessions, worker="w1", limit=1, lease=LEASE, now=T0)
+    # Its lease runs out and the next claim takes it again, with three new jobs: the stale
+    # claim and the current one finish in the same batch.
+    later = T0 + LEASE + timedelta(seconds=1)
+    first, second, failing = [await _enqueue(sessions, k, now=later) for k in ("k1", "k2", "k3")]
+    claimed = {j.id: j for j in await claim(sessions, worker="w2", limit=4, lease=LEASE, now=later)}
+    assert set(claimed) == {taken_over, first, second, failing}
+    current = claimed[taken_over]
+    outcomes = [
+        Outcome.done(claimed[first], now=later),
+        Outcome.done(stale, now=later),
+        Outcome.retry(claimed[failing], error="HTTP 503", next_attempt_at=later + LEASE),
+        Outcome.done(claimed[second], now=later, result={"silence_id": "s-1"}),
+        Outcome.done(current, now=later),
+    ]
+    async with sessions() as session, session.begin():
+        applied = await session.run_sync(lambda sync: record_outcomes(sync, outcomes, now=later))
+
+    assert applied == [True, False, True, True, True]
+    states = {job_id: await _job(sessions, job_id) for job_id in (first, second, failing)}
+    assert [(states[j].status, states[j].result) for j in (first, second)] == [
+        (JobStatus.done, None),
+        (JobStatus.done, {"silence_id": "s-1"}),
+    ]
+    assert (states[failing].status, states[failing].last_error) == (JobStatus.pending, "HTTP 503")
+    assert (await _job(sessions, taken_over)).status is JobStatus.done
+    # One audit record per applied outcome, in the batch's order; none for the stale claim.
+    assert [
+        (kind, data["job_id"], data["attempt"]) for kind, data in await _audit_kinds(sessions)
+    ] == [
+        ("sync.delivered", first, 1),
+        ("sync.attempt_failed", failing, 1),
+        ("sync.delivered", second, 1),
+        ("sync.delivered", taken_over, 2),
+    ]
+    await _verify(sessions)

@@ -222,3 +222,33 @@ async def test_what_a_voter_picked_is_kept_audited_and_reaches_the_sync_back(
     assert params == {"U1": {"silence": "4h"}, "U2": None}
     assert [data.get("params") for data in audited] == [{"silence": "4h"}, None]
     assert [dict(v.params) for v in decision.votes] == [{"silence": "4h"}, {}]
+
+
+async def test_decisions_are_read_together_each_with_its_own_votes(
+    runner: TransactionRunner,
+) -> None:
+    from storage.requests import read_decision, read_decisions
+
+    first, second = await new_request(runner), await new_request(runner)
+    await vote(runner, ballot(first, "U1", ["leads"], reason="fine"))
+    await vote(runner, ballot(second, "U2", ["leads"], reason="looks right"))
+    await vote(runner, ballot(second, "U3", ["leads"]))
+
+    keys = {first: "k1", second: "k2", "r_missing": "k3"}
+    together = await runner.run(lambda session: read_decisions(session, keys))
+    one_by_one = {
+        request_id: await runner.run(
+            lambda session, request_id=request_id: read_decision(
+                session, request_id, idempotency_key=keys[request_id]
+            )
+        )
+        for request_id in (first, second)
+    }
+
+    assert together == one_by_one  # the missing request is left out, not an error
+    assert [(v.id, v.choice, v.reason) for v in together[second].votes] == [
+        ("U2", "approve", "looks right"),
+        ("U3", "approve", ""),
+    ]
+    assert [v.id for v in together[first].votes] == ["U1"]
+    assert (together[first].idempotency_key, together[second].idempotency_key) == ("k1", "k2")
