@@ -34,6 +34,7 @@ from bot.worker import Handler, OutboxWorker
 from connectors.base import Cancellation, Connector
 from connectors.events import Event
 from connectors.redaction import redact_text
+from connectors.transport import outbound_client
 from connectors.webhook import intake as webhook
 from connectors.webhook.connector import WebhookConnector
 from policies.anomaly import Measurement, anomaly_of
@@ -122,11 +123,7 @@ class Services:
         # with its problems listed, not after a migration.
         policy = load_policy(settings.policy_path)
         # The connectors too: a GitHub App key that cannot be read is a settings error.
-        http = httpx.AsyncClient(
-            timeout=settings.callback_timeout,
-            follow_redirects=False,
-            headers={"user-agent": "Signoff/0.1"},
-        )
+        http = outbound_client(timeout=settings.callback_timeout)
         connectors = build_connectors(settings, http)
         engine = create_engine(settings.database_url)
         try:

@@ -13,6 +13,7 @@ import pytest
 from connectors.alertmanager.connector import AlertmanagerConnector
 from connectors.base import FinalDecision, Voter
 from connectors.errors import RetryableSyncError, TerminalSyncError
+from connectors.transport import outbound_client
 from tests.alertmanager_support import AlertmanagerStandIn, Refusal
 from tests.support import SECRET
 
@@ -32,7 +33,7 @@ async def alertmanager() -> AsyncIterator[AlertmanagerStandIn]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
+    async with outbound_client(timeout=5) as client:
         yield client
 
 

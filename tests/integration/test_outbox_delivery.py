@@ -25,6 +25,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from bot.worker import OutboxWorker
 from connectors.base import FinalDecision, Voter
 from connectors.errors import RetryableSyncError, TerminalSyncError
+from connectors.transport import outbound_client
 from connectors.webhook.callback import callback_payload, deliver_callback
 from storage import audit
 from storage.models import AuditRecord, JobStatus, OutboxJob
@@ -116,7 +117,8 @@ async def receiver():
 
 @pytest.fixture
 async def http():
-    async with httpx.AsyncClient() as client:
+    # The product's client (httpx on aiohttp): these tests pin how its failures are classified.
+    async with outbound_client(timeout=5) as client:
         yield client
 
 

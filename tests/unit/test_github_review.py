@@ -18,6 +18,7 @@ from connectors.github.app_auth import AppAuth, load_private_key
 from connectors.github.connector import GitHubConnector
 from connectors.github.review import comment, review_body, review_url
 from connectors.github.standin import GitHubStandIn
+from connectors.transport import outbound_client
 from tests.github_support import (
     APP_ID,
     INSTALLATION,
@@ -144,7 +145,7 @@ def test_a_bad_private_key_is_refused_without_echoing_it() -> None:
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
+    async with outbound_client(timeout=5) as client:
         yield client
 
 
