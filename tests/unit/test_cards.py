@@ -387,7 +387,7 @@ def test_escaping_attack_renders_inert() -> None:
 
 def test_vote_reply_and_outcome_dm_escape_untrusted_text() -> None:
     view = attack_view()
-    reply = vote_reply_text(view.votes[0], view)
+    reply = vote_reply_text([view.votes[0]], view)
     assert "<!channel>" not in reply and "<https://evil" not in reply
     assert reply.startswith(":white_check_mark: &lt;!channel&gt;")
     assert "Needs 1 of <@U0SEC1>, <@U0SEC2> (0/1)" in reply
