@@ -140,13 +140,35 @@ class _Fixed:
     sync_kind: str | None
 
 
+@dataclass(frozen=True)
+class _Tally:
+    """The votes of one request up to vote `last_id`: who voted, and how many approving votes
+    each approver entry has. Votes are never changed or deleted, and a request's votes are
+    inserted under its row lock, so their ids grow: the votes after `last_id` are all a tally
+    needs to catch up, instead of every vote of the request for every click."""
+
+    last_id: int = 0
+    voters: frozenset[str] = frozenset()
+    approvals: Mapping[str, int] = field(default_factory=dict)
+
+    def add(self, vote_id: int, user_id: str, choice: str, groups: Sequence[str]) -> _Tally:
+        approvals = dict(self.approvals)
+        if choice == Choice.approve.value:
+            for label in groups:
+                approvals[label] = approvals.get(label, 0) + 1
+        return _Tally(max(self.last_id, vote_id), self.voters | {user_id}, approvals)
+
+
 class RequestFacts:
-    """A bounded cache of `_Fixed` per request id, kept by whoever casts votes repeatedly (the
-    digest of the event body and the parsed route were a tenth of a vote's cost each)."""
+    """What votes need to know of requests, kept by whoever casts votes repeatedly: the facts
+    that never change (`_Fixed`), and each request's tally as of the last commit. The digest of
+    the event body, the parsed route and reading every earlier vote each cost more than the
+    rest of a vote. Bounded; tallies change only once the transaction that made them commits."""
 
     def __init__(self, limit: int = 10_000) -> None:
         self._limit = limit
         self._facts: dict[str, _Fixed] = {}
+        self._tallies: dict[str, _Tally] = {}
 
     def get(self, session: Session, request_id: str) -> _Fixed | None:
         fixed = self._facts.get(request_id)
@@ -179,6 +201,45 @@ class RequestFacts:
         self._facts[request_id] = fixed
         return fixed
 
+    def tally(self, session: Session, request_id: str) -> _Tally:
+        """The request's tally now (under its row lock): the last committed one, caught up
+        with the votes after it."""
+        tally = self._tallies.get(request_id) or _Tally()
+        for vote_id, user_id, choice, groups in session.connection().execute(
+            _VOTES_AFTER, {"request_id": request_id, "after": tally.last_id}
+        ):
+            tally = tally.add(vote_id, user_id, choice, groups)
+        return tally
+
+    def committed(self, tallies: Mapping[str, _Tally]) -> None:
+        if len(self._tallies) + len(tallies) > self._limit:
+            self._tallies.clear()
+        self._tallies.update(tallies)
+
+
+# The statements of every vote, built once and on Core tables: building a statement and the
+# ORM's handling of it cost more than SQLite's running it.
+_VOTES = table_of(Vote)
+_JOBS = table_of(OutboxJob)
+_REQUESTS = table_of(Request)
+_VOTES_AFTER = select(_VOTES.c.id, _VOTES.c.user_id, _VOTES.c.choice, _VOTES.c.groups).where(
+    _VOTES.c.request_id == bindparam("request_id"), _VOTES.c.id > bindparam("after")
+)
+_PENDING_EFFECTS = (
+    select(_JOBS.c.id, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.attempts)
+    .where(
+        _JOBS.c.request_id == bindparam("request_id"),
+        _JOBS.c.kind.in_(bindparam("kinds", expanding=True)),
+        _JOBS.c.status == JobStatus.pending.value,
+    )
+    .with_for_update(skip_locked=True)
+)
+_GROW_REPLY = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("job_id"))
+    .values(payload=bindparam("grown_payload"))
+)
+
 
 @dataclass
 class _Queued:
@@ -196,6 +257,8 @@ class _Batch:
 
     jobs: SlackJobs
     entries: list[AuditEntry] = field(default_factory=list)
+    # Tallies this transaction changed, for `RequestFacts.committed` once it has committed.
+    tallies: dict[str, _Tally] = field(default_factory=dict)
     new_jobs: list[dict[str, Any]] = field(default_factory=list)
     queued: dict[str, _Queued] = field(default_factory=dict)
     grown: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -213,15 +276,9 @@ class _Batch:
         if queued is not None:
             return queued
         kinds = [kind for kind in (self.jobs.update_card, self.jobs.thread_reply) if kind]
-        rows = session.execute(
-            select(OutboxJob.id, OutboxJob.kind, OutboxJob.payload, OutboxJob.attempts)
-            .where(
-                OutboxJob.request_id == request_id,
-                OutboxJob.kind.in_(kinds),
-                OutboxJob.status == JobStatus.pending.value,
-            )
-            .with_for_update(skip_locked=True)
-        ).all()
+        rows = session.connection().execute(
+            _PENDING_EFFECTS, {"request_id": request_id, "kinds": kinds}
+        )
         queued = _Queued(update=False, reply=None, reply_job=None)
         for row in rows:
             if row.kind == self.jobs.update_card:
@@ -258,10 +315,8 @@ class _Batch:
     def write(self, session: Session) -> None:
         insert_jobs(session, self.new_jobs)
         if self.grown:
-            session.execute(
-                update(table_of(OutboxJob))
-                .where(table_of(OutboxJob).c.id == bindparam("job_id"))
-                .values(payload=bindparam("grown_payload")),
+            session.connection().execute(
+                _GROW_REPLY,
                 [{"job_id": job, "grown_payload": payload} for job, payload in self.grown.items()],
             )
         append_sync(session, self.entries)
@@ -299,14 +354,24 @@ def cast_many(
     items: Sequence[Ballot | Refused],
     jobs: SlackJobs,
     *,
-    facts: RequestFacts | None = None,
     audit_refusals: bool = True,
 ) -> list[VoteResult | VoteRefused | None]:
     """Record several clicks in the caller's transaction, in order, each judged after the ones
     before it (two ballots of one person: the second is `already_voted`). Per item: the vote's
     result, or the VoteRefused it got (audited, with nothing else written for it), or None for
     a `Refused` (audited)."""
-    facts = facts or RequestFacts()
+    return _cast_batch(session, items, jobs, RequestFacts(), audit_refusals=audit_refusals)[0]
+
+
+def _cast_batch(
+    session: Session,
+    items: Sequence[Ballot | Refused],
+    jobs: SlackJobs,
+    facts: RequestFacts,
+    *,
+    audit_refusals: bool = True,
+) -> tuple[list[VoteResult | VoteRefused | None], dict[str, _Tally]]:
+    """`cast_many` with the caller's cache; also returns the tallies to keep once committed."""
     batch = _Batch(jobs)
     outcomes: list[VoteResult | VoteRefused | None] = []
     for item in items:
@@ -322,15 +387,15 @@ def cast_many(
                 batch.entries.append(refusal_entry(item, refused.refusal))
             outcomes.append(refused)
     batch.write(session)
-    return outcomes
+    return outcomes, batch.tallies
 
 
 # The lock that serialises voters on one request (SQLite's write lock covers it already). Plain
 # columns, not ORM objects: a request decided by an earlier ballot of the same transaction must
 # be read as it is now, not as the session's identity map first saw it.
 _LOCK_REQUEST = (
-    select(Request.status, Request.version, Request.superseded_by)
-    .where(Request.id == bindparam("request_id"))
+    select(_REQUESTS.c.status, _REQUESTS.c.version, _REQUESTS.c.superseded_by)
+    .where(_REQUESTS.c.id == bindparam("request_id"))
     .with_for_update()
 )
 
@@ -338,7 +403,7 @@ _LOCK_REQUEST = (
 def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFacts) -> VoteResult:
     """Judge and record one ballot; raises VoteRefused before writing anything."""
     jobs = batch.jobs
-    row = session.execute(_LOCK_REQUEST, {"request_id": ballot.request_id}).one_or_none()
+    row = session.connection().execute(_LOCK_REQUEST, {"request_id": ballot.request_id}).first()
     fixed = facts.get(session, ballot.request_id) if row is not None else None
     if row is None or fixed is None:
         raise VoteRefused(Refusal.not_found)
@@ -362,33 +427,38 @@ def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFac
         raise VoteRefused(Refusal.reason_required, status=row.status)
 
     # The row lock makes read-then-insert safe here: no other vote on this request can commit
-    # in between. (The unique constraint stays as the last line of defence.)
-    votes = session.execute(
-        select(Vote.user_id, Vote.choice, Vote.groups).where(Vote.request_id == request_id)
-    ).all()
-    if any(user_id == ballot.user_id for user_id, _, _ in votes):
+    # in between. (The unique constraint stays as the last line of defence.) Earlier ballots of
+    # this transaction hold that lock already: their tally is current.
+    tally = batch.tallies.get(request_id) or facts.tally(session, request_id)
+    if ballot.user_id in tally.voters:
         raise VoteRefused(Refusal.already_voted, status=row.status)
-    vote_id = session.execute(
-        _INSERT_VOTE,
-        {
-            "request_id": request_id,
-            "user_id": ballot.user_id,
-            "user_name": ballot.user_name,
-            "choice": ballot.choice.value,
-            "reason": ballot.reason,
-            "groups": counted,
-            "params": dict(ballot.params) or None,
-            "created_at": ballot.now,
-        },
-    ).scalar_one()
-    tally = progress(
-        route,
-        [(choice, groups) for _, choice, groups in votes] + [(ballot.choice.value, counted)],
+    vote_id = (
+        session.connection()
+        .execute(
+            _INSERT_VOTE,
+            {
+                "request_id": request_id,
+                "user_id": ballot.user_id,
+                "user_name": ballot.user_name,
+                "choice": ballot.choice.value,
+                "reason": ballot.reason,
+                "groups": counted,
+                "params": dict(ballot.params) or None,
+                "created_at": ballot.now,
+            },
+        )
+        .scalar_one()
     )
+    tally = batch.tallies[request_id] = tally.add(
+        vote_id, ballot.user_id, ballot.choice.value, counted
+    )
+    progress = [
+        (entry.label, tally.approvals.get(entry.label, 0), entry.min) for entry in route.approvers
+    ]
     status = RequestStatus.pending
     if ballot.choice is Choice.reject:
         status = RequestStatus.rejected
-    elif all(have >= need for _, have, need in tally):
+    elif all(have >= need for _, have, need in progress):
         status = RequestStatus.approved
 
     batch.entries.append(
@@ -399,7 +469,7 @@ def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFac
                 "choice": ballot.choice.value,
                 "reason": ballot.reason,
                 "counted_for": counted,
-                "progress": [list(t) for t in tally],
+                "progress": [list(t) for t in progress],
                 "shown": dict(fixed.shown),
                 **({"params": dict(ballot.params)} if ballot.params else {}),
             },
@@ -427,12 +497,12 @@ def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFac
     return VoteResult(
         vote_id=vote_id,
         status=status,
-        progress=tally,
+        progress=progress,
         decided_after=ballot.now - fixed.created_at if status.is_final else None,
     )
 
 
-_INSERT_VOTE = table_of(Vote).insert().returning(table_of(Vote).c.id)
+_INSERT_VOTE = _VOTES.insert().returning(_VOTES.c.id)
 
 
 def _decide(
@@ -574,8 +644,8 @@ class VoteWriter:
     async def _write(self, batch: list[_Item]) -> None:
         items = [item for item, _ in batch]
         try:
-            outcomes = await self._runner.run(
-                lambda session: cast_many(session, items, self._jobs, facts=self._facts)
+            outcomes, tallies = await self._runner.run(
+                lambda session: _cast_batch(session, items, self._jobs, self._facts)
             )
         except Exception as exc:
             # Not swallowed: each click gets the error (Slack shows the clicker a failure and
@@ -593,6 +663,7 @@ class VoteWriter:
                 if not future.done():
                     future.set_exception(exc)
             return
+        self._facts.committed(tallies)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
