@@ -232,6 +232,9 @@ class Services:
         await self.worker.stop(self.settings.shutdown_grace)
         if self._worker_task is not None:
             await self._worker_task
+        if self.slack is not None:
+            # Its HTTP connections, used by the worker's Slack jobs until they stopped.
+            await self.slack.close_client()
         # Last: the batcher and the worker write through it.
         self.runner.close()
         await self.http.aclose()
@@ -260,7 +263,7 @@ def _slack(
         ttl=settings.slack_group_ttl,
         actor_map=load_user_map(settings.slack_user_map) if settings.slack_user_map else None,
     )
-    cards = slack_jobs.SlackJobHandlers(sessions, client, directory)
+    cards = slack_jobs.SlackJobHandlers(sessions, client, directory, runner)
     handlers.update(cards.handlers())
     handlers.update(notices.NoticeHandlers(sessions, client, directory, cards, clock).handlers())
     clicks = ClickService(

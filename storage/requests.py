@@ -81,29 +81,32 @@ class RequestView:
 
 
 async def get_request(session: AsyncSession, request_id: str) -> RequestView:
-    row = (
-        await session.execute(
-            select(Request, EventRecord)
-            .join(EventRecord, EventRecord.id == Request.event_id)
-            .where(Request.id == request_id)
-        )
+    return await session.run_sync(read_request, request_id)
+
+
+def read_request(session: Session, request_id: str, *, jobs: bool = True) -> RequestView:
+    """`get_request` for a synchronous unit of work (`storage.db.TransactionRunner`: one hop
+    for all three queries); without `jobs` when only the request and its votes are needed
+    (a card, a thread reply)."""
+    row = session.execute(
+        select(Request, EventRecord)
+        .join(EventRecord, EventRecord.id == Request.event_id)
+        .where(Request.id == request_id)
     ).one_or_none()
     if row is None:
         raise NotFound(f"no request {request_id!r}")
     request, event = row
-    votes = (
-        await session.scalars(
-            select(Vote).where(Vote.request_id == request_id).order_by(Vote.created_at, Vote.id)
-        )
+    votes = session.scalars(
+        select(Vote).where(Vote.request_id == request_id).order_by(Vote.created_at, Vote.id)
     ).all()
-    jobs = (
-        await session.scalars(
+    outbox: Sequence[OutboxJob] = ()
+    if jobs:
+        outbox = session.scalars(
             select(OutboxJob)
             .where(OutboxJob.request_id == request_id)
             .order_by(OutboxJob.created_at)
-        )
-    ).all()
-    return RequestView(request, event, votes, jobs)
+        ).all()
+    return RequestView(request, event, votes, outbox)
 
 
 def read_decision(session: Session, request_id: str, *, idempotency_key: str) -> FinalDecision:

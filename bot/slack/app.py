@@ -33,7 +33,7 @@ from bot.slack.cards import (
     parse_button_value,
 )
 from bot.slack.clicks import Click, ClickService
-from bot.slack.client import SlackFailure
+from bot.slack.client import SlackFailure, close_client
 from bot.slack.commands import Commands
 from bot.slack.modals import (
     DURATION_ACTION,
@@ -229,6 +229,10 @@ class SlackBot:
             log.warning("%d Slack request(s) still running at shutdown", self._handling)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace)
+
+    async def close_client(self) -> None:
+        """After `close` and after the outbox worker has stopped: they call Slack through it."""
+        await close_client(self._client)
 
     def _later(self, work: Coroutine[Any, Any, object]) -> None:
         """Run after the ack; keep a reference so the task is not collected mid-flight."""

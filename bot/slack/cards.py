@@ -382,9 +382,10 @@ def _footer(request: Request, facts: Facts) -> str:
 # --- thread replies and DMs ------------------------------------------------------------------
 
 
-def vote_reply_text(vote: Vote, view: RequestView) -> str:
-    """The thread reply under the card when someone votes."""
-    text = vote_line(vote)
+def vote_reply_text(votes: Sequence[Vote], view: RequestView) -> str:
+    """The thread reply under the card when someone votes: a line per vote (several when votes
+    came in a burst and share one reply), then what is still needed."""
+    text = "\n".join(vote_line(vote) for vote in votes)
     route = Facts.of(view).route
     if route is not None and status_of(view.request) is RequestStatus.pending:
         text += f"\nNeeds {progress_line(route, view.votes)}"

@@ -20,11 +20,18 @@ from bot.metrics import Metrics
 from bot.slack.client import SlackFailure
 from bot.slack.directory import Directory
 from policies.model import Route
-from storage.audit import append_sync
 from storage.db import TransactionRunner
 from storage.models import EventRecord, Request, RequestStatus
-from storage.votes import Ballot, Choice, Refusal, SlackJobs, VoteRefused, VoteResult, cast
-from storage.votes import refusal_entry as _refusal_entry
+from storage.votes import (
+    Ballot,
+    Choice,
+    Refusal,
+    Refused,
+    SlackJobs,
+    VoteRefused,
+    VoteResult,
+    VoteWriter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,8 @@ class ClickService:
         metrics: Metrics | None = None,
     ) -> None:
         self._sessions = sessions
-        self._runner = runner
+        # Clicks handled at the same time share a transaction (group commit).
+        self._votes = VoteWriter(runner, jobs)
         self._directory = directory
         self._jobs = jobs
         self._on_change = on_change
@@ -163,12 +171,13 @@ class ClickService:
         logs.bind(click.request_id[:64])
         target = await self._target(click.request_id)
         ballot: Ballot | None = None
+        refused: Refusal | None = None
         detail = ""
-        try:
-            if target is None:
-                raise VoteRefused(Refusal.not_found)
-            if target.route is None:
-                raise VoteRefused(Refusal.decided)
+        if target is None:
+            refused = Refusal.not_found
+        elif target.route is None:
+            refused = Refusal.decided
+        else:
             try:
                 ballot = await self._ballot(click, target)
             except SlackFailure as exc:
@@ -176,31 +185,32 @@ class ClickService:
                 # shows the clicker a bare error and keeps no trace of the click. Refuse it,
                 # audited, and tell the clicker to try again: nothing was decided.
                 detail = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                raise VoteRefused(Refusal.unverified) from exc
-            result = await self._runner.run(lambda session: cast(session, ballot, self._jobs))
-        except VoteRefused as refused:
-            self._metrics.refusals.labels("slack", refused.refusal.name).inc()
-            log.info(
-                "click by %s refused: %s",
-                click.user_id[:32],
-                refused.refusal.name,
-                extra={"reason": refused.refusal.name},
-            )
-            await self._audit_refusal(click, ballot, refused.refusal, detail=detail)
-            return refused.refusal
+                refused = Refusal.unverified
+        if ballot is None:
+            assert refused is not None
+            await self._votes.refuse(Refused(click.ballot(), refused, detail))
+            return self._refused(click, refused)
+        # Written, or refused and audited, in one transaction with the clicks around it.
+        outcome = await self._votes.cast(ballot)
+        if isinstance(outcome, VoteRefused):
+            return self._refused(click, outcome.refusal)
         log.info(
             "vote by %s (%s) counted; request is %s",
             click.user_id[:32],
             click.choice.value,
-            result.status.value,
+            outcome.status.value,
         )
-        if result.decided_after is not None:
-            self._metrics.decided("vote", result.decided_after)
+        if outcome.decided_after is not None:
+            self._metrics.decided("vote", outcome.decided_after)
         self._on_change(click.request_id)
-        return result
+        return outcome
 
-    async def _audit_refusal(
-        self, click: Click, ballot: Ballot | None, refusal: Refusal, *, detail: str = ""
-    ) -> None:
-        entry = _refusal_entry(ballot or click.ballot(), refusal, detail=detail)
-        await self._runner.run(lambda session: append_sync(session, [entry]))
+    def _refused(self, click: Click, refusal: Refusal) -> Refusal:
+        self._metrics.refusals.labels("slack", refusal.name).inc()
+        log.info(
+            "click by %s refused: %s",
+            click.user_id[:32],
+            refusal.name,
+            extra={"reason": refusal.name},
+        )
+        return refusal

@@ -12,6 +12,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.metrics import Metrics
 from connectors.errors import RetryableSyncError, SyncBackError, TerminalSyncError
 
+# Seconds one Web API request may take.
+TIMEOUT = 10
 # Slack errors that will not go away by themselves; each gets a hint for the operator.
 TERMINAL_HINTS = {
     "channel_not_found": "the route's channel id is wrong or the channel is private",
@@ -59,16 +61,27 @@ class MeteredClient(AsyncWebClient):
 
 def make_client(*, token: str, base_url: str, metrics: Metrics | None = None) -> AsyncWebClient:
     """A client that retries one rate-limited call itself, honouring Retry-After; anything
-    longer is left to the outbox, which waits without holding a worker."""
+    longer is left to the outbox, which waits without holding a worker.
+
+    It keeps one aiohttp session, so calls reuse kept-alive connections: without one, slack_sdk
+    opens a session, and a new TCP (and TLS) connection, for every call. Call it on the running
+    event loop, and `close_client` when done."""
     if not base_url.endswith("/"):
         base_url += "/"
     return MeteredClient(
         metrics=metrics or Metrics(),
         token=token,
         base_url=base_url,
-        timeout=10,
+        timeout=TIMEOUT,
+        # slack_sdk passes its `timeout` only to sessions it makes itself.
+        session=aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)),
         retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=1)],
     )
+
+
+async def close_client(client: AsyncWebClient) -> None:
+    if client.session is not None:
+        await client.session.close()
 
 
 SlackFailure = (SlackApiError, aiohttp.ClientError, TimeoutError, OSError)

@@ -21,11 +21,12 @@ from bot.slack.cards import build_card, outcome_dm, vote_reply_text
 from bot.slack.client import SlackFailure, classify
 from bot.slack.directory import Directory
 from connectors.errors import RetryableSyncError, TerminalSyncError
+from storage.db import TransactionRunner
 from storage.errors import NotFound
 from storage.models import OutboxJob, Request, RequestStatus
 from storage.outbox import ClaimedJob
-from storage.requests import RequestView, get_request
-from storage.votes import SlackJobs
+from storage.requests import RequestView, read_request
+from storage.votes import SlackJobs, reply_votes
 
 POST_CARD = "slack.post_card"
 UPDATE_CARD = "slack.update_card"
@@ -44,8 +45,14 @@ class SlackJobHandlers:
         sessions: async_sessionmaker[AsyncSession],
         client: AsyncWebClient,
         directory: Directory,
+        runner: TransactionRunner,
     ) -> None:
         self._sessions = sessions
+        # Reads go through the runner: one hop for the request and its votes. Through the async
+        # sessions each query was a hop of its own, and on SQLite the read's transaction held
+        # the database's write lock across all of them while the event loop was busy, so a
+        # click's vote waited for a card update's read (half its time at one connection).
+        self._runner = runner
         self._client = client
         self._directory = directory
         # Per request: [its lock, how many updates hold or wait for it].
@@ -76,10 +83,13 @@ class SlackJobHandlers:
         }
 
     async def view(self, job: ClaimedJob) -> RequestView:
+        """The request and its votes as they are now (not its outbox jobs: nothing Signoff
+        says in Slack shows them, except `/signoff status`, which reads its own)."""
         request_id = str(job.payload["request_id"])
         try:
-            async with self._sessions() as session:
-                return await get_request(session, request_id)
+            return await self._runner.run(
+                lambda session: read_request(session, request_id, jobs=False)
+            )
         except NotFound:
             raise TerminalSyncError(f"request {request_id} no longer exists") from None
 
@@ -137,10 +147,11 @@ class SlackJobHandlers:
         request = view.request
         if request.card_channel and request.card_ts:
             return request.card_channel, request.card_ts
-        async with self._sessions() as session:
-            post = await session.scalar(
+        post = await self._runner.run(
+            lambda session: session.scalar(
                 select(OutboxJob.status).where(OutboxJob.idempotency_key == f"card-{request.id}")
             )
+        )
         if post is None:
             raise TerminalSyncError(f"request {request.id} has no card to update")
         # Updates and replies wait for the card, so they always land after it, in order.
@@ -159,12 +170,12 @@ class SlackJobHandlers:
     async def thread_reply(self, *, job: ClaimedJob) -> None:
         view = await self.view(job)
         channel, ts = await self.require_card(view)
-        vote_id = int(job.payload["vote_id"])
-        vote = next((v for v in view.votes if v.id == vote_id), None)
-        if vote is None:
-            raise TerminalSyncError(f"vote {vote_id} of {view.request.id} no longer exists")
+        wanted = reply_votes(job.payload)
+        votes = [vote for vote in view.votes if vote.id in wanted]
+        if len(votes) != len(set(wanted)):
+            raise TerminalSyncError(f"votes {wanted} of {view.request.id} no longer all exist")
         await self.call(
-            "chat.postMessage", channel=channel, thread_ts=ts, text=vote_reply_text(vote, view)
+            "chat.postMessage", channel=channel, thread_ts=ts, text=vote_reply_text(votes, view)
         )
 
     async def dm_outcome(self, *, job: ClaimedJob) -> None:

@@ -93,10 +93,20 @@ async def test_quorum_per_group_then_sync_back_dm_and_final_card(
     assert delivery["status"] == "approved"
     assert [d["id"] for d in delivery["decided_by"]] == ["UA1", "UA2", "U0CFO"]
 
+    def replied() -> list[str]:
+        """Who the thread replies name, a line per vote (votes in quick succession may share
+        a reply)."""
+        return [
+            line.split()[1]
+            for m in env.slack.messages("C0FINANCE")
+            if m.thread_ts
+            for line in m.text.splitlines()
+            if line.startswith(":white_check_mark:")
+        ]
+
     async def settled() -> bool:
-        replies = [m for m in env.slack.messages("C0FINANCE") if m.thread_ts]
         dm = env.slack.dm_channel("UDANA")
-        return len(replies) == 3 and dm is not None and bool(env.slack.messages(dm))
+        return len(replied()) == 3 and dm is not None and bool(env.slack.messages(dm))
 
     def card() -> str:
         return json.dumps(
@@ -108,6 +118,7 @@ async def test_quorum_per_group_then_sync_back_dm_and_final_card(
         return "signoff_approve" not in card()
 
     await wait_until(settled)
+    assert sorted(replied()) == ["<@U0CFO>", "<@UA1>", "<@UA2>"], "each vote replied to once"
     await wait_until(card_final)  # a decided card has no buttons
     assert "Approved" in card() or "approved" in card()
 

@@ -14,8 +14,18 @@ from policies.model import Decision, DecisionKind, Route
 from storage import ledger
 from storage.db import TransactionRunner, create_engine
 from storage.ledger import Intake
-from storage.models import AuditRecord, OutboxJob, Request
-from storage.votes import Ballot, Choice, Refusal, SlackJobs, VoteRefused, cast
+from storage.models import AuditRecord, OutboxJob, Request, Vote
+from storage.votes import (
+    REPLY_MAX_VOTES,
+    Ballot,
+    Choice,
+    Refusal,
+    Refused,
+    SlackJobs,
+    VoteRefused,
+    VoteWriter,
+    cast,
+)
 from tests.support import event_body
 
 ROUTE = Route.model_validate(
@@ -252,3 +262,138 @@ async def test_decisions_are_read_together_each_with_its_own_votes(
     ]
     assert [v.id for v in together[first].votes] == ["U1"]
     assert (together[first].idempotency_key, together[second].idempotency_key) == ("k1", "k2")
+
+
+async def reply_jobs(engine, request_id: str) -> list[tuple[str, list[int]]]:
+    """(status, votes it replies to) of each thread-reply job of the request, oldest first."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(OutboxJob.status, OutboxJob.payload)
+            .where(OutboxJob.request_id == request_id, OutboxJob.kind == JOBS.thread_reply)
+            .order_by(OutboxJob.created_at, OutboxJob.id)
+        )
+        return [(status, payload["vote_ids"]) for status, payload in rows]
+
+
+async def test_votes_share_a_thread_reply_nobody_has_attempted_yet(
+    runner: TransactionRunner, engine
+) -> None:
+    """A burst of votes is a few replies listing them, not one reply each; a reply a worker
+    holds or has tried once is closed, so a retry never sends more than its first attempt."""
+    route = Route.model_validate({"channel": "C1", "approvers": [{"group": "g", "min": 99}]})
+    request_id = await new_request(runner, route)
+    first = await vote(runner, ballot(request_id, "U1", ["g"]))
+    second = await vote(runner, ballot(request_id, "U2", ["g"]))
+    assert await reply_jobs(engine, request_id) == [("pending", [first.vote_id, second.vote_id])]
+
+    async with engine.begin() as conn:  # a worker tried it once: it waits for a retry
+        await conn.execute(
+            update(OutboxJob)
+            .where(OutboxJob.request_id == request_id, OutboxJob.kind == JOBS.thread_reply)
+            .values(attempts=1)
+        )
+    third = await vote(runner, ballot(request_id, "U3", ["g"]))
+    assert [votes for _, votes in await reply_jobs(engine, request_id)] == [
+        [first.vote_id, second.vote_id],
+        [third.vote_id],
+    ]
+
+    later = [await vote(runner, ballot(request_id, f"UB{n}", ["g"])) for n in range(12)]
+    replies = [votes for _, votes in await reply_jobs(engine, request_id)]
+    # At most REPLY_MAX_VOTES votes a reply; every vote in exactly one reply.
+    assert [len(votes) for votes in replies] == [2, REPLY_MAX_VOTES, 3]
+    assert sorted(v for votes in replies for v in votes) == sorted(
+        r.vote_id for r in (first, second, third, *later)
+    )
+
+
+async def test_clicks_at_once_share_a_transaction_and_each_gets_its_own_outcome(
+    runner: TransactionRunner, engine
+) -> None:
+    """Group commit: ballots cast together are judged in order in one transaction; a refused
+    one is audited and changes nothing, the others count."""
+    route = Route.model_validate({"channel": "C1", "approvers": [{"group": "g", "min": 3}]})
+    request_id = await new_request(runner, route)
+    writer = VoteWriter(runner, JOBS)
+    outcomes = await asyncio.gather(
+        writer.cast(ballot(request_id, "U1", ["g"])),
+        writer.cast(ballot(request_id, "U1", ["g"])),  # a double click
+        writer.cast(ballot(request_id, "UX", [])),
+        writer.cast(ballot(request_id, "U2", ["g"])),
+        writer.refuse(Refused(ballot(request_id, "UY", []), Refusal.unverified, "timeout")),
+        writer.cast(ballot(request_id, "U3", ["g"])),
+        writer.cast(ballot(request_id, "U4", ["g"])),  # after the quorum
+    )
+    refusals = [o.refusal if isinstance(o, VoteRefused) else o for o in outcomes]
+    assert refusals[1:3] == [Refusal.already_voted, Refusal.not_approver]
+    assert refusals[4:] == [None, outcomes[5], Refusal.decided]
+    assert [o.status.value for o in (outcomes[0], outcomes[3], outcomes[5])] == [
+        "pending",
+        "pending",
+        "approved",
+    ]
+    async with engine.connect() as conn:
+        kinds = list(
+            await conn.scalars(
+                select(AuditRecord.kind)
+                .where(AuditRecord.kind.in_(["vote.cast", "vote.refused", "request.decided"]))
+                .order_by(AuditRecord.seq)
+            )
+        )
+        syncs = await conn.scalar(select(func.count()).where(OutboxJob.kind == "webhook.callback"))
+    assert kinds == [
+        "vote.cast",
+        "vote.refused",
+        "vote.refused",
+        "vote.cast",
+        "vote.refused",
+        "vote.cast",
+        "request.decided",
+        "vote.refused",
+    ]
+    assert syncs == 1
+
+
+async def test_a_writer_sees_votes_another_replica_cast_since_its_last(
+    db_url: str, runner: TransactionRunner
+) -> None:
+    """The writer keeps each request's tally between clicks; votes another replica commits in
+    between are caught up under the row lock, so quorum and double votes stay exact."""
+    route = Route.model_validate({"channel": "C1", "approvers": [{"group": "g", "min": 3}]})
+    request_id = await new_request(runner, route)
+    writer = VoteWriter(runner, JOBS)
+    other = TransactionRunner(create_engine(db_url))
+    try:
+        assert not isinstance(await writer.cast(ballot(request_id, "U1", ["g"])), VoteRefused)
+        await vote(other, ballot(request_id, "U2", ["g"]))
+        again = await writer.cast(ballot(request_id, "U2", ["g"]))
+        assert isinstance(again, VoteRefused) and again.refusal is Refusal.already_voted
+        last = await writer.cast(ballot(request_id, "U3", ["g"]))
+        assert not isinstance(last, VoteRefused)
+        assert last.status.value == "approved"
+        assert list(last.progress) == [("g", 3, 3)]
+    finally:
+        other.close()
+        await other._engine.dispose()
+
+
+async def test_a_ballot_that_fails_does_not_fail_the_clicks_it_shared_a_transaction_with(
+    runner: TransactionRunner, engine
+) -> None:
+    """A ballot whose vote cannot be written (here: groups that are not JSON) fails alone:
+    the batch is written again one ballot at a time."""
+    route = Route.model_validate({"channel": "C1", "approvers": [{"group": "g", "min": 9}]})
+    request_id = await new_request(runner, route)
+    writer = VoteWriter(runner, JOBS)
+    bad = ballot(request_id, "U2", ["g"], params={"when": object()})
+    outcomes = await asyncio.gather(
+        writer.cast(ballot(request_id, "U1", ["g"])),
+        writer.cast(bad),
+        writer.cast(ballot(request_id, "U3", ["g"])),
+        return_exceptions=True,
+    )
+    assert "not JSON serializable" in str(outcomes[1])
+    assert [o.status.value for o in (outcomes[0], outcomes[2])] == ["pending", "pending"]
+    async with engine.connect() as conn:
+        voters = list(await conn.scalars(select(Vote.user_id).order_by(Vote.id)))
+    assert voters == ["U1", "U3"]

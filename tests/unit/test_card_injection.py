@@ -135,7 +135,7 @@ def test_no_forged_construct_reaches_slack(fields, name, reason, voter) -> None:
     card = build_card(view, now=NOW).as_payload()
     assert_inert(card, links)
     assert "<@U0SEC1>" in str(card)  # the policy's own mention is still a mention
-    assert_inert({"text": vote_reply_text(view.votes[1], view), "type": "mrkdwn"}, links)
+    assert_inert({"text": vote_reply_text([view.votes[1]], view), "type": "mrkdwn"}, links)
     assert_inert(build_details_modal(view), links)
 
     final = make_view(

@@ -387,7 +387,7 @@ def test_escaping_attack_renders_inert() -> None:
 
 def test_vote_reply_and_outcome_dm_escape_untrusted_text() -> None:
     view = attack_view()
-    reply = vote_reply_text(view.votes[0], view)
+    reply = vote_reply_text([view.votes[0]], view)
     assert "<!channel>" not in reply and "<https://evil" not in reply
     assert reply.startswith(":white_check_mark: &lt;!channel&gt;")
     assert "Needs 1 of <@U0SEC1>, <@U0SEC2> (0/1)" in reply
@@ -620,3 +620,15 @@ def test_render_text_reads_like_the_card() -> None:
 )
 def test_parse_button_value_refuses_what_we_did_not_write(value: str) -> None:
     assert parse_button_value(value) is None
+
+
+def test_a_reply_shared_by_votes_in_a_burst_has_a_line_per_vote_then_what_is_needed() -> None:
+    view = make_view(fixture("refund"), votes=[ALICE, BOB])
+    reply = vote_reply_text(view.votes, view)
+    lines = reply.splitlines()
+    assert [line.split()[:2] for line in lines[:2]] == [
+        [":white_check_mark:", f"<@{ALICE['user_id']}>"],
+        [":white_check_mark:", f"<@{BOB['user_id']}>"],
+    ]
+    assert len(lines) == 3 and lines[2].startswith("Needs ")
+    assert "(2/2)" in lines[2]
