@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
@@ -213,26 +213,26 @@ def claim_sync(
         # transaction (storage.db) already holds the database write lock for the whole claim.
         .with_for_update(skip_locked=True)
     )
+    # The Core table, not the entity: the ORM's DML path costs more than the claim itself.
+    jobs = table_of(OutboxJob)
     statement = (
-        update(OutboxJob)
-        .where(OutboxJob.id.in_(due.scalar_subquery()))
+        update(jobs)
+        .where(jobs.c.id.in_(due.scalar_subquery()))
         .values(
             status=JobStatus.running.value,
-            attempts=OutboxJob.attempts + 1,
+            attempts=jobs.c.attempts + 1,
             locked_until=locked_until,
             updated_at=now,
         )
         .returning(
-            OutboxJob.id,
-            OutboxJob.kind,
-            OutboxJob.request_id,
-            OutboxJob.idempotency_key,
-            OutboxJob.payload,
-            OutboxJob.attempts,
-            OutboxJob.next_attempt_at,
+            jobs.c.id,
+            jobs.c.kind,
+            jobs.c.request_id,
+            jobs.c.idempotency_key,
+            jobs.c.payload,
+            jobs.c.attempts,
+            jobs.c.next_attempt_at,
         )
-        # Nothing in the session mirrors these rows; skip the ORM's bookkeeping.
-        .execution_options(synchronize_session=False)
     )
     rows = session.execute(statement).all()
     # RETURNING has no order; hand jobs out oldest-due first as the claim chose them.
@@ -331,37 +331,47 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome], *, now: datet
     `attempts` alone would not say so: a replay resets it, so after expiry, dead-lettering and a
     replay a new claim can carry the same number; `locked_until` differs between claims. The
     result says which applied.
-    Many outcomes share one transaction, and outcomes that set the same values (every plain
-    "done" of a batch) share one guarded UPDATE: under load the worker finishes jobs faster
-    than a commit, or a statement, each would allow.
+    Many outcomes share one transaction and a handful of statements: under load the worker
+    finishes jobs faster than a commit, or a compiled statement, each would allow.
     """
-    # Outcomes go in groups that share their values; a job twice in one batch (its lease ran
-    # out and it was claimed again) goes in another group, so what each UPDATE returns is
-    # unambiguous: a job's id among them means this very claim still held.
-    groups: dict[tuple[str, int], list[int]] = {}
-    times_seen: dict[str, int] = {}
-    for index, outcome in enumerate(outcomes):
-        seen = times_seen[outcome.job.id] = times_seen.get(outcome.job.id, -1) + 1
-        groups.setdefault((repr(sorted(outcome.values.items())), seen), []).append(index)
-    applied = [False] * len(outcomes)
-    for members in groups.values():
-        claims = [
-            (outcomes[i].job.id, outcomes[i].job.attempts, outcomes[i].job.locked_until)
-            for i in members
-        ]
-        statement = (
-            update(OutboxJob)
+    if not outcomes:
+        return []
+    jobs = table_of(OutboxJob)  # Core, not the ORM's slower DML path
+    # Which claims still hold, read under the rows' locks (SQLite: the transaction's write
+    # lock; PostgreSQL: FOR UPDATE), so the updates below cannot race another claim.
+    holding = {
+        (row.id, row.attempts, row.locked_until)
+        for row in session.execute(
+            select(jobs.c.id, jobs.c.attempts, jobs.c.locked_until)
             .where(
-                OutboxJob.status == JobStatus.running.value,
-                tuple_(OutboxJob.id, OutboxJob.attempts, OutboxJob.locked_until).in_(claims),
+                jobs.c.id.in_(list({outcome.job.id for outcome in outcomes})),
+                jobs.c.status == JobStatus.running.value,
             )
-            .values(updated_at=now, locked_until=None, **outcomes[members[0]].values)
-            .returning(OutboxJob.id)
-            .execution_options(synchronize_session=False)
+            .with_for_update()
         )
-        updated = set(session.execute(statement).scalars())
-        for i in members:
-            applied[i] = outcomes[i].job.id in updated
+    }
+    applied: list[bool] = []
+    # Updates of the same shape go in one executemany: a prepared statement run per row.
+    updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for outcome in outcomes:
+        job = outcome.job
+        claim = (job.id, job.attempts, job.locked_until)
+        ok = claim in holding
+        holding.discard(claim)  # one outcome per claim, whatever the caller passed
+        applied.append(ok)
+        if ok:
+            row = {f"v_{key}": value for key, value in outcome.values.items()}
+            updates.setdefault(tuple(sorted(outcome.values)), []).append(row | {"b_id": job.id})
+    for keys, rows in updates.items():
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == bindparam("b_id"))
+            .values(
+                {key: bindparam(f"v_{key}", type_=jobs.c[key].type) for key in keys}
+                | {"updated_at": now, "locked_until": None}
+            )
+        )
+        session.execute(statement, rows)
     append_sync(
         session,
         [
