@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session
 
 from connectors.redaction import redact_text
 from storage.audit import AuditEntry, append, append_sync
-from storage.db import reading
 from storage.errors import InvalidTransition, NotFound
 from storage.models import JobStatus, OutboxJob, Request, RequestStatus, new_id, table_of
 
@@ -190,9 +189,14 @@ def _is_due(now: datetime) -> ColumnElement[bool]:
 
 
 async def any_due(sessions: async_sessionmaker[AsyncSession], *, now: datetime) -> bool:
-    """A read-only look: most polls find nothing, and on SQLite an empty claim would still take
-    the write lock and queue behind (and hold up) the intake's writer."""
-    async with reading(sessions) as session:
+    """A look before claiming: most polls find nothing, and an empty claim would still write.
+
+    On SQLite this look takes the write lock like any writer (not `storage.db.reading`), on
+    purpose: under load the worker's polls then queue behind the commits of the requests being
+    answered (events, clicks) instead of slipping in between them, so side effects yield the
+    CPU to those requests and catch up as the load eases. Measured with a deferred read here:
+    the worker claimed after every commit, and click acks went from about 2.3 ms to 12 ms."""
+    async with sessions() as session:
         return await session.scalar(select(OutboxJob.id).where(_is_due(now)).limit(1)) is not None
 
 
