@@ -54,7 +54,8 @@ class _Event(_Scope):
 
 
 class _Action(_Part):
-    action_id: str = ""
+    # Required: Bolt's listener matching indexes `action["action_id"]` of every action.
+    action_id: str
     block_id: str | None = None
     value: str | None = None
 

@@ -136,6 +136,18 @@ def test_block_actions_of_any_shape_are_refused_cleanly(env: Env, data) -> None:
     assert env.count(Vote) == votes  # none of these users may approve
 
 
+def test_an_action_without_an_action_id_is_refused_cleanly(env: Env) -> None:
+    # Found by the test above: Bolt's listener matching indexes `action["action_id"]`.
+    votes = env.count(Vote)
+    for actions in ([{}], [{"value": "x", "block_id": "b"}]):
+        payload = copy.deepcopy(BLOCK_ACTIONS) | {"actions": actions}
+        body = urlencode({"payload": json.dumps(payload)})
+        status, answer = env.post(body, signed(body))
+        assert_clean(status, answer)
+        assert status == 400
+    assert env.count(Vote) == votes
+
+
 @SLACK
 @given(data=st.data())
 def test_view_submissions_of_any_shape_are_refused_cleanly(env: Env, data) -> None:
