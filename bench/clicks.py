@@ -28,7 +28,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,11 +44,11 @@ from slack_sdk.signature import SignatureVerifier
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.intake import scratch_database, wait_ready  # noqa: E402
+from bench.intake import py_spy, scratch_database, start_serve, wait_ready  # noqa: E402
 from bot.slack.cards import APPROVE_ACTION, button_value  # noqa: E402
 from bot.slack.standin import DEFAULT_TOKEN  # noqa: E402
 from tests.slack_support import SIGNING_SECRET, block_action  # noqa: E402
-from tests.support import SECRET, event_body, free_port, sign  # noqa: E402
+from tests.support import event_body, free_port, sign  # noqa: E402
 
 GROUP_ID, GROUP_HANDLE, CHANNEL = "S0APP", "approvers", "C0APPROVALS"
 POLICY = f"""
@@ -213,8 +212,8 @@ def start_profile(pid: int, out: Path | None, seconds: float) -> subprocess.Pope
     """`--profile DIR`: py-spy samples the server while a run lasts, per thread and idle frames
     included (an ack mostly waits: on the database's write lock, on the writer thread), in
     py-spy's raw format (collapsed stacks, for flamegraph.pl)."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if out is None or not Path(spy).exists():
+    spy = py_spy()
+    if out is None or spy is None:
         return None
     return subprocess.Popen(
         [
@@ -346,21 +345,14 @@ async def run_signoff(
     check = Check()
     with tempfile.TemporaryDirectory() as tmp:
         database_url = database_url.replace("{tmp}", tmp)
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(POLICY)
-        env = {
-            **os.environ,
-            "SIGNOFF_DATABASE_URL": database_url,
-            "SIGNOFF_POLICY_PATH": str(policy),
-            "SIGNOFF_WEBHOOK_SECRET": SECRET,
-            "SIGNOFF_PORT": str(port),
-            "SIGNOFF_LOG_LEVEL": "WARNING",
-            "SLACK_BOT_TOKEN": DEFAULT_TOKEN,
-            "SLACK_SIGNING_SECRET": SIGNING_SECRET,
-            "SLACK_API_URL": slack_url,
-        }
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bot.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+        process = start_serve(
+            Path(tmp),
+            database_url=database_url,
+            policy=POLICY,
+            port=port,
+            SLACK_BOT_TOKEN=DEFAULT_TOKEN,
+            SLACK_SIGNING_SECRET=SIGNING_SECRET,
+            SLACK_API_URL=slack_url,
         )
         try:
             base = f"http://127.0.0.1:{port}"

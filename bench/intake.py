@@ -311,14 +311,44 @@ def report(name: str, figures: dict[str, float]) -> None:
     )
 
 
+def start_serve(
+    tmp: Path, *, database_url: str, policy: str, port: int, **settings: str
+) -> subprocess.Popen[bytes]:
+    """`signoff serve` in its own process on `port`, with `policy` written under `tmp`;
+    `settings` adds environment variables (Slack's, for the benches that click)."""
+    path = tmp / "policy.yaml"
+    path.write_text(policy)
+    env = {
+        **os.environ,
+        "SIGNOFF_DATABASE_URL": database_url,
+        "SIGNOFF_POLICY_PATH": str(path),
+        "SIGNOFF_WEBHOOK_SECRET": SECRET,
+        "SIGNOFF_PORT": str(port),
+        "SIGNOFF_LOG_LEVEL": "WARNING",
+        **settings,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+    )
+
+
+def py_spy() -> str | None:
+    """py-spy's path: on PATH, or beside this interpreter (a venv not activated)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return spy if Path(spy).exists() else None
+
+
 def profile(pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
     """py-spy sampling the serve process from the measured run until its callbacks are all
     delivered (collapsed stacks): where the CPU per event goes."""
     if not args.profile:
         return None
+    spy = py_spy()
+    if spy is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
     return subprocess.Popen(
         [
-            "py-spy",
+            spy,
             "record",
             "--pid",
             str(pid),
@@ -339,18 +369,8 @@ def profile(pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | Non
 async def run_signoff(database_url: str, args: argparse.Namespace, callback: str | None) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        policy = Path(tmp) / "policy.yaml"
-        policy.write_text(POLICY)
-        env = {
-            **os.environ,
-            "SIGNOFF_DATABASE_URL": database_url.replace("{tmp}", tmp),
-            "SIGNOFF_POLICY_PATH": str(policy),
-            "SIGNOFF_WEBHOOK_SECRET": SECRET,
-            "SIGNOFF_PORT": str(port),
-            "SIGNOFF_LOG_LEVEL": "WARNING",
-        }
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bot.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+        process = start_serve(
+            Path(tmp), database_url=database_url.replace("{tmp}", tmp), policy=POLICY, port=port
         )
         try:
             await wait_ready(f"http://127.0.0.1:{port}/healthz", process)

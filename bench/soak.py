@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.clicks import Clicks  # noqa: E402
-from bench.intake import scratch_database, wait_ready  # noqa: E402
+from bench.intake import scratch_database, start_serve, wait_ready  # noqa: E402
 from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn  # noqa: E402
 from tests.slack_support import SIGNING_SECRET  # noqa: E402
-from tests.support import SECRET, event_body, free_port, sign  # noqa: E402
+from tests.support import event_body, free_port, sign  # noqa: E402
 
 CHANNEL, GROUP_ID, GROUP = "C0APPROVALS", "S0APP", "approvers"
 APPROVERS = [f"UAPP{n:02d}" for n in range(20)]
@@ -212,22 +212,15 @@ async def soak(args: argparse.Namespace, database_url: str, tmp: Path) -> int:
     await runner.setup()
     receiver_port = free_port()
     await web.TCPSite(runner, "127.0.0.1", receiver_port).start()
-    policy = tmp / "policy.yaml"
-    policy.write_text(POLICY)
     port = free_port()
-    env = {
-        **os.environ,
-        "SIGNOFF_DATABASE_URL": database_url,
-        "SIGNOFF_POLICY_PATH": str(policy),
-        "SIGNOFF_WEBHOOK_SECRET": SECRET,
-        "SIGNOFF_PORT": str(port),
-        "SIGNOFF_LOG_LEVEL": "WARNING",
-        "SLACK_BOT_TOKEN": DEFAULT_TOKEN,
-        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
-        "SLACK_API_URL": slack.url,
-    }
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+    serve = start_serve(
+        tmp,
+        database_url=database_url,
+        policy=POLICY,
+        port=port,
+        SLACK_BOT_TOKEN=DEFAULT_TOKEN,
+        SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        SLACK_API_URL=slack.url,
     )
     base = f"http://127.0.0.1:{port}"
     tally, warm = Tally(), Tally()
@@ -259,7 +252,7 @@ async def soak(args: argparse.Namespace, database_url: str, tmp: Path) -> int:
         settled = await drained(database_url, timeout=120)
         verify = subprocess.run(
             [sys.executable, "-m", "bot.cli", "audit", "verify"],
-            env=env,
+            env={**os.environ, "SIGNOFF_DATABASE_URL": database_url},
             capture_output=True,
             text=True,
             check=False,
