@@ -100,9 +100,10 @@ _READ_ONLY = "signoff_read_only"
 @contextlib.asynccontextmanager
 async def reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """A session for reads only. On SQLite its transaction begins deferred instead of taking
-    the write lock (as every other transaction here does), so polls, long polls and card
-    renders do not serialise with the writers. A write in it is a bug: under contention SQLite
-    refuses the upgrade with SQLITE_BUSY. PostgreSQL ignores the mark."""
+    the write lock (as every other transaction here does), so reads that answer a request (long
+    polls, `/metrics`, baseline lookups) do not queue behind the writers. The outbox's poll
+    takes the lock on purpose (`storage.outbox.any_due`). A write in it is a bug: under
+    contention SQLite refuses the upgrade with SQLITE_BUSY. PostgreSQL ignores the mark."""
     async with sessions() as session:
         await session.connection(execution_options={_READ_ONLY: True})
         yield session
