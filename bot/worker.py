@@ -29,6 +29,7 @@ from bot.retry import retry_delay
 from connectors.base import SyncReceipt
 from connectors.errors import RetryableSyncError, TerminalSyncError
 from storage.db import TransactionRunner
+from storage.groupcommit import GroupCommit
 from storage.outbox import (
     ClaimedJob,
     Outcome,
@@ -78,35 +79,29 @@ class _Outcome:
     receipt: SyncReceipt | None = None
 
 
-class _OutcomeWriter:
+class _OutcomeWriter(GroupCommit[Outcome, bool]):
     """Writes finished attempts' outcomes together: whatever finished while the previous write
     was committing goes into the next transaction (the intake's group commit, for the outbox)."""
 
     def __init__(self, write: Callable[[list[Outcome]], Awaitable[list[bool]]]) -> None:
-        self._write = write
-        self._pending: list[tuple[Outcome, asyncio.Future[bool]]] = []
-        self._flushing: asyncio.Task[None] | None = None
+        super().__init__()
+        self._write_outcomes = write
 
     async def submit(self, outcome: Outcome) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((outcome, future))
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.create_task(self._flush())
-        return await future
+        return await self._submit(outcome)
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                applied = await self._write([outcome for outcome, _ in batch])
-            except (SQLAlchemyError, OSError) as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), ok in zip(batch, applied, strict=True):
+    async def _write(self, batch: list[tuple[Outcome, asyncio.Future[bool]]]) -> None:
+        try:
+            applied = await self._write_outcomes([outcome for outcome, _ in batch])
+        except (SQLAlchemyError, OSError) as exc:
+            # The database is away: each caller retries while its claim lasts (`_record`).
+            for _, future in batch:
                 if not future.done():
-                    future.set_result(ok)
+                    future.set_exception(exc)
+            return
+        for (_, future), ok in zip(batch, applied, strict=True):
+            if not future.done():
+                future.set_result(ok)
 
 
 class OutboxWorker:

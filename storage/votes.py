@@ -26,6 +26,7 @@ from policies.model import Route
 from storage.audit import AuditEntry, append_sync
 from storage.db import TransactionRunner
 from storage.errors import StorageError
+from storage.groupcommit import GroupCommit
 from storage.models import EventRecord, JobStatus, OutboxJob, Request, RequestStatus, Vote, table_of
 from storage.outbox import insert_jobs, job_row, request_job, sync_back_job
 
@@ -580,13 +581,14 @@ def refusal_entry(ballot: Ballot, refusal: Refusal, *, detail: str = "") -> Audi
 
 
 _Item = tuple[Ballot | Refused, "asyncio.Future[VoteResult | VoteRefused | None]"]
-# Event-loop passes a batch waits for clicks already being handled to join it (see linger).
+# Event-loop passes a batch waits for clicks already being handled to join it: under a steady
+# load the clicks of one batch are acked together and the next ones arrive together.
 _LINGER_PASSES = 8
 # What makes a whole transaction fail rather than one ballot: the database itself.
 _DATABASE_TROUBLE = (OperationalError, InterfaceError, OSError)
 
 
-class VoteWriter:
+class VoteWriter(GroupCommit[Ballot | Refused, VoteResult | VoteRefused | None]):
     """Group commit for clicks: every click that arrives while the previous transaction is
     committing goes into the next one.
 
@@ -598,12 +600,10 @@ class VoteWriter:
     """
 
     def __init__(self, runner: TransactionRunner, jobs: SlackJobs, *, max_batch: int = 256) -> None:
+        super().__init__(max_batch=max_batch, linger_passes=_LINGER_PASSES)
         self._runner = runner
         self._jobs = jobs
-        self._max_batch = max_batch
         self._facts = RequestFacts()
-        self._pending: list[_Item] = []
-        self._flushing: asyncio.Task[None] | None = None
 
     async def cast(self, ballot: Ballot) -> VoteResult | VoteRefused:
         """The vote, committed; or why it was refused (audited)."""
@@ -614,32 +614,6 @@ class VoteWriter:
     async def refuse(self, refused: Refused) -> None:
         """Audit a click refused before it reached storage."""
         await self._submit(refused)
-
-    async def _submit(self, item: Ballot | Refused) -> VoteResult | VoteRefused | None:
-        future: asyncio.Future[VoteResult | VoteRefused | None]
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        while self._pending:
-            await self._linger()
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            await self._write(batch)
-
-    async def _linger(self) -> None:
-        """Let clicks already being handled join this transaction: under a steady load the
-        clicks of one batch are acked together and the next ones arrive together. A few passes
-        of the event loop cost microseconds when nothing more comes."""
-        size = -1
-        for _ in range(_LINGER_PASSES):
-            if len(self._pending) == size or len(self._pending) >= self._max_batch:
-                return
-            size = len(self._pending)
-            await asyncio.sleep(0)
 
     async def _write(self, batch: list[_Item]) -> None:
         items = [item for item, _ in batch]
