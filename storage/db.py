@@ -6,6 +6,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
+import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -13,6 +15,7 @@ import orjson
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event, orm
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,6 +25,16 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL ends one of two transactions that wait for each other's row locks (a deadlock;
+# also a serialization failure), and rolls it back whole: running it again is the remedy.
+# Transactions here take their locks in one order (requests by id, then the audit head), but a
+# row lock can still be taken in an order no one chose (an UPDATE of rows another replica's
+# batch also updates), so the runner does not rely on that alone.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+_ATTEMPTS = 4
 
 
 def json_serializer(value: Any) -> str:
@@ -120,6 +133,8 @@ class TransactionRunner:
     anyway, and the work runs through `AsyncSession.run_sync` on the async engine.
 
     Either way the unit of work is the same plain function of a `Session`: one implementation.
+    On PostgreSQL a unit that loses a deadlock is run again (its transaction rolled back whole),
+    so a unit must change nothing outside its session until it has returned.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -139,10 +154,15 @@ class TransactionRunner:
                 max_workers=1, thread_name_prefix="signoff-sqlite-writer"
             )
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may write the database at the same time: replicas on
+        PostgreSQL. SQLite serves one process."""
+        return self._sync_sessions is None
+
     async def run(self, work: Callable[[orm.Session], T]) -> T:
         if self._sync_sessions is None:
-            async with self._sessions.begin() as session:
-                return await session.run_sync(work)
+            return await self._run_async(work)
         sync_sessions = self._sync_sessions
 
         def in_thread() -> T:
@@ -151,6 +171,25 @@ class TransactionRunner:
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, in_thread)
+
+    async def _run_async(self, work: Callable[[orm.Session], T]) -> T:
+        attempt = 1
+        while True:
+            try:
+                async with self._sessions.begin() as session:
+                    return await session.run_sync(work)
+            except DBAPIError as exc:
+                code = getattr(exc.orig, "sqlstate", None)
+                if code not in _RETRY_SQLSTATES or attempt >= _ATTEMPTS:
+                    raise
+                log.warning(
+                    "transaction aborted by the database (%s), running it again (attempt %d)",
+                    code,
+                    attempt + 1,
+                )
+            # A short random pause, so the two sides of a deadlock do not meet again at once.
+            await asyncio.sleep(random.uniform(0, 0.005 * attempt))  # noqa: S311 (jitter)
+            attempt += 1
 
     def close(self) -> None:
         if self._thread is not None:

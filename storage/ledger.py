@@ -377,7 +377,8 @@ def write_batch(
                 reason=bindparam("b_reason"),
                 decided_at=bindparam("b_decided_at"),
             ),
-            superseded,
+            # In id order, as every transaction locks requests (see storage.votes).
+            sorted(superseded, key=lambda row: row["b_id"]),
         )
     if events:
         session.execute(table_of(EventRecord).insert(), events)

@@ -123,7 +123,8 @@ def sweep(
     fired: list[Fired] = []
     new_jobs: list[dict[str, Any]] = []
     entries: list[AuditEntry] = []
-    for row in rows:
+    # Claimed in id order, as every transaction locks requests (see storage.votes).
+    for row in sorted(rows, key=lambda row: row.id):
         before = Progress(row.escalation_level, row.sla_reminded, row.expiry_warned)
         guard = (
             (table.c.id == row.id)

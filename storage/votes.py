@@ -375,6 +375,7 @@ def _cast_batch(
     """`cast_many` with the caller's cache; also returns the tallies to keep once committed."""
     batch = _Batch(jobs)
     outcomes: list[VoteResult | VoteRefused | None] = []
+    _lock_requests_in_order(session, {i.request_id for i in items if isinstance(i, Ballot)})
     for item in items:
         if isinstance(item, Refused):
             batch.entries.append(refusal_entry(item.ballot, item.refusal, detail=item.detail))
@@ -399,6 +400,23 @@ _LOCK_REQUEST = (
     .where(_REQUESTS.c.id == bindparam("request_id"))
     .with_for_update()
 )
+
+
+_LOCK_REQUESTS_IN_ORDER = (
+    select(_REQUESTS.c.id)
+    .where(_REQUESTS.c.id.in_(bindparam("request_ids", expanding=True)))
+    .order_by(_REQUESTS.c.id)
+    .with_for_update()
+)
+
+
+def _lock_requests_in_order(session: Session, request_ids: set[str]) -> None:
+    """Lock the batch's requests up front, in id order. Locked as the ballots come, two
+    replicas' batches (a double click reaches both) could each hold one request and wait for
+    the other's: a deadlock, and PostgreSQL fails one batch. Every transaction that locks
+    several requests takes them in this order. SQLite has one writer at a time: no need."""
+    if len(request_ids) > 1 and session.get_bind().dialect.name != "sqlite":
+        session.connection().execute(_LOCK_REQUESTS_IN_ORDER, {"request_ids": sorted(request_ids)})
 
 
 def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFacts) -> VoteResult:

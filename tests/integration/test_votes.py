@@ -7,7 +7,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from connectors.events import Event
 from policies.model import Decision, DecisionKind, Route
@@ -15,6 +15,7 @@ from storage import ledger
 from storage.db import TransactionRunner, create_engine
 from storage.ledger import Intake
 from storage.models import AuditRecord, OutboxJob, Request, Vote
+from storage.schema import upgrade
 from storage.votes import (
     REPLY_MAX_VOTES,
     Ballot,
@@ -23,8 +24,10 @@ from storage.votes import (
     Refused,
     SlackJobs,
     VoteRefused,
+    VoteResult,
     VoteWriter,
     cast,
+    cast_many,
 )
 from tests.support import event_body
 
@@ -397,3 +400,61 @@ async def test_a_ballot_that_fails_does_not_fail_the_clicks_it_shared_a_transact
     async with engine.connect() as conn:
         voters = list(await conn.scalars(select(Vote.user_id).order_by(Vote.id)))
     assert voters == ["U1", "U3"]
+
+
+async def _wait_for_a_lock_wait(engine) -> None:
+    """Until some transaction on this database waits for a row lock."""
+    async with engine.connect() as conn:
+        for _ in range(500):
+            waiting = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            )
+            if waiting:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("no transaction came to wait for a lock")
+
+
+@pytest.mark.postgres
+async def test_a_batch_locks_its_requests_in_id_order_whatever_the_ballots_order(
+    postgres_url: str,
+) -> None:
+    """Two replicas' batches name the same requests in opposite orders (an approver's double
+    click reaches both). Locked as the ballots come, each could hold one request and wait for
+    the other's: a deadlock. Here another transaction holds the lower id; the batch, whose first
+    ballot is for the higher id, must be waiting for the lower one without having locked the
+    higher one yet."""
+    engine = create_engine(postgres_url)
+    await upgrade(engine)
+    runner = TransactionRunner(engine)
+    try:
+        low, high = sorted([await new_request(runner), await new_request(runner)])
+        async with engine.connect() as holder:
+            await holder.execute(select(Request.id).where(Request.id == low).with_for_update())
+            batch = asyncio.create_task(
+                runner.run(
+                    lambda session: cast_many(
+                        session, [ballot(high, "U1", ["leads"]), ballot(low, "U1", ["leads"])], JOBS
+                    )
+                )
+            )
+            await _wait_for_a_lock_wait(engine)
+            async with engine.connect() as other:
+                # NOWAIT: fails at once if the batch had taken the higher id first.
+                locked = await other.scalar(
+                    select(Request.id).where(Request.id == high).with_for_update(nowait=True)
+                )
+                assert locked == high
+                await other.rollback()
+            await holder.rollback()
+        outcomes = await batch
+        assert [o.status.value for o in outcomes if isinstance(o, VoteResult)] == [
+            "pending",
+            "pending",
+        ]
+    finally:
+        runner.close()
+        await engine.dispose()
