@@ -35,6 +35,8 @@ DM_OUTCOME = "slack.dm_outcome"
 JOBS = SlackJobs(update_card=UPDATE_CARD, thread_reply=THREAD_REPLY, dm_outcome=DM_OUTCOME)
 # How often a card's ts that could not be stored (the database is away) is tried again.
 STORE_RETRY = timedelta(seconds=0.5)
+# How often one card update sends again because the request changed while it was sent.
+_RESENDS = 4
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,9 @@ class SlackJobHandlers:
         except SlackFailure as exc:
             raise classify(method, exc) from exc
 
-    def _card_payload(self, view: RequestView) -> dict[str, Any]:
+    def _card_payload(self, view: RequestView, now: datetime | None = None) -> dict[str, Any]:
         try:
-            return build_card(view, now=datetime.now(UTC)).as_payload()
+            return build_card(view, now=now or datetime.now(UTC)).as_payload()
         except SlackObjectFormationError as exc:
             # A card we cannot build will not build on retry either: say so and stop.
             raise TerminalSyncError(f"the card breaks a Slack limit: {exc}") from exc
@@ -158,11 +160,28 @@ class SlackJobHandlers:
         raise RetryableSyncError(f"the card of {request.id} is not posted yet ({post})")
 
     async def _update(self, job: ClaimedJob) -> None:
-        async with self._one_update_at_a_time(str(job.payload["request_id"])):
+        request_id = str(job.payload["request_id"])
+        async with self._one_update_at_a_time(request_id):
             # Read inside the lock: the render reflects every change before this update.
             view = await self.view(job)
             channel, ts = await self.require_card(view)
-            await self.call("chat.update", channel=channel, ts=ts, **self._card_payload(view))
+            now = datetime.now(UTC)
+            payload = self._card_payload(view, now)
+            for _ in range(_RESENDS + 1):
+                await self.call("chat.update", channel=channel, ts=ts, **payload)
+                if not self._runner.shared:
+                    return
+                # Replicas: another one's update of this card, rendered later, may have reached
+                # Slack first, so this one left the card showing older state (buttons on a
+                # decided request). Render again from the database: if the card would read
+                # differently, send that. A request changes a bounded number of times (votes,
+                # then its decision), so this ends, and the update that reaches Slack last is
+                # one that found nothing newer.
+                latest = self._card_payload(await self.view(job), now)
+                if latest == payload:
+                    return
+                payload = latest
+        raise RetryableSyncError(f"the card of {request_id} kept changing while it was updated")
 
     async def update_card(self, *, job: ClaimedJob) -> None:
         await self._update(job)

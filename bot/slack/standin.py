@@ -169,6 +169,17 @@ class _Fault:
         return self.method is None or self.method == method
 
 
+@dataclass
+class HeldCall:
+    """A call the stand-in keeps in flight (`SlackStandIn.hold_next`)."""
+
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
 def _error(code: str, *messages: str, **extra: Any) -> _Answer:
     answer: _Answer = {"ok": False, "error": code, **extra}
     if messages:
@@ -236,6 +247,8 @@ class SlackStandIn(SocketModeSide):
         self._messages: list[PostedMessage] = []
         self._conversations: dict[frozenset[str], str] = {}  # DM / group DM members -> id
         self._faults: list[_Fault] = []
+        self._holds: dict[str, list[HeldCall]] = {}  # method -> next calls to keep in flight
+        self._releases: list[HeldCall] = []  # every hold, for stop() to release
         self._last_ts_us = 0
         self._counter = 0
         self._arrivals = asyncio.Condition()
@@ -282,6 +295,7 @@ class SlackStandIn(SocketModeSide):
     async def stop(self) -> None:
         """Close every Socket Mode connection (1001, going away), then stop serving."""
         await self._close_sockets()
+        self._release_holds()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -382,8 +396,24 @@ class SlackStandIn(SocketModeSide):
             )
         )
 
+    def hold_next(self, method: str) -> HeldCall:
+        """Keep the next call to `method` in flight, received but neither applied nor answered,
+        until it is released: a slow path through the network, so that calls made after it can
+        overtake it."""
+        held = HeldCall()
+        self._holds.setdefault(method, []).append(held)
+        self._releases.append(held)
+        return held
+
     def clear_faults(self) -> None:
         self._faults.clear()
+        self._release_holds()
+
+    def _release_holds(self) -> None:
+        for held in self._releases:
+            held.release()
+        self._releases.clear()
+        self._holds.clear()
 
     @staticmethod
     def _fault_status(error: str, status: int | None) -> int:
@@ -419,6 +449,10 @@ class SlackStandIn(SocketModeSide):
         at = datetime.now(UTC)
         method = request.match_info["method"]
         params, token, body_error = await self._read_params(request)
+        if self._holds.get(method):
+            held = self._holds[method].pop(0)
+            held.arrived.set()
+            await held.released.wait()
         answer, status, headers = self._answer(method, params, token, body_error)
         error = None if answer.get("ok") else str(answer.get("error"))
         self.calls.append(RecordedCall(method, params, at, status, error))
