@@ -1,9 +1,14 @@
 """Click acks: signed Slack `block_actions` clicks at 1 and 16 connections against `signoff serve`,
 a minimal Bolt `AsyncApp` whose handler only calls `ack()`, and a bare aiohttp handler, in the
-same run. Prints clicks/s, ack p50/p99 and the ratios.
+same run. Prints clicks/s, ack p50/p99, the ratios and Signoff's CPU per click.
 
     .venv/bin/python bench/clicks.py [--seconds 5] [--requests 50] [--users 2000] [--postgres URL]
                                      [--profile DIR]  (py-spy raw profiles of each server run)
+                                     [--engine wrk|python]
+
+The clicks are built and signed before each run and sent by `wrk` when it is installed
+(`bench/wrk.py`): a Python client took most of the second core, which the servers then lacked
+(the bare handler measured ~7,900 requests/s through it, ~14,000 through wrk).
 
 Every click Signoff acks is a new durable vote. The policy routes every event to a user group of
 `--users` members with a quorum nobody can reach (`min` above the group's size), so requests stay
@@ -44,7 +49,8 @@ from slack_sdk.signature import SignatureVerifier
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.intake import py_spy, scratch_database, start_serve, wait_ready  # noqa: E402
+from bench import wrk  # noqa: E402
+from bench.intake import cpu_seconds, py_spy, scratch_database, start_serve, wait_ready  # noqa: E402
 from bot.slack.cards import APPROVE_ACTION, button_value  # noqa: E402
 from bot.slack.standin import DEFAULT_TOKEN  # noqa: E402
 from tests.slack_support import SIGNING_SECRET, block_action  # noqa: E402
@@ -58,6 +64,7 @@ default:
   route: {{channel: {CHANNEL}, approvers: [{{group: {GROUP_HANDLE}, min: 100000}}]}}
 """
 CONNECTIONS = (1, 16)
+POOL = 2000  # signed clicks sent over and over to the servers that keep nothing
 TARGET_P50_MS = 3.0
 
 
@@ -166,6 +173,7 @@ class Figures:
     acked: int = 0
     errors: int = 0
     exhausted: bool = False
+    cpu: float = 0.0  # the server's CPU seconds during the run
     latencies: list[float] = field(default_factory=list, repr=False)
 
 
@@ -241,6 +249,8 @@ async def measure(
     pid: int,
     bodies_for: dict[int, Iterator[tuple[bytes, dict[str, str]]]],
     args: argparse.Namespace,
+    *,
+    repeats: bool = False,
 ) -> list[Figures]:
     results = []
     for connections in CONNECTIONS:
@@ -248,12 +258,41 @@ async def measure(
         if args.profile:
             out = Path(args.profile) / f"{name.replace(' ', '-')}-{connections}.txt"
         spy = start_profile(pid, out, args.seconds)
-        results.append(
-            await load(url, bodies_for[connections], seconds=args.seconds, connections=connections)
-        )
+        bodies = bodies_for[connections]
+        before = cpu_seconds(pid)
+        if args.engine == "wrk":
+            figures = await wrk_load(url, bodies, args.seconds, connections, repeats)
+        else:
+            figures = await load(url, bodies, seconds=args.seconds, connections=connections)
+        figures.cpu = cpu_seconds(pid) - before
+        results.append(figures)
         if spy is not None:
             spy.wait(timeout=60)
     return results
+
+
+async def wrk_load(
+    url: str,
+    bodies: Iterator[tuple[bytes, dict[str, str]]],
+    seconds: float,
+    connections: int,
+    repeats: bool,
+) -> Figures:
+    """`load` with wrk sending: `bodies` is taken whole (a cycled pool: its first cycle)."""
+    records = list(itertools.islice(bodies, POOL)) if repeats else list(bodies)
+    result = await asyncio.to_thread(
+        wrk.replay, url, records, seconds=seconds, connections=connections, may_repeat=repeats
+    )
+    errors = int(result["errors"])
+    return Figures(
+        connections,
+        rate=result["rps"],
+        p50=result["p50"],
+        p99=result["p99"],
+        sent=int(result["n"]),
+        acked=int(result["n"]) - errors,
+        errors=errors,
+    )
 
 
 # --- the targets -------------------------------------------------------------------------------
@@ -281,10 +320,10 @@ async def run_baseline(
         url = f"http://127.0.0.1:{port}/slack/events"
         await wait_ready(url, process)
         # The servers keep nothing, so a pool of signed clicks is sent over and over.
-        pool = clicks.take(clicks.distinct(requests, user_ids(args.users)), 2000)
+        pool = clicks.take(clicks.distinct(requests, user_ids(args.users)), POOL)
         await load(url, itertools.cycle(pool), seconds=1, connections=16)  # warm-up
         cycled = {n: itertools.cycle(pool) for n in CONNECTIONS}
-        return await measure(name, url, process.pid, cycled, args)
+        return await measure(name, url, process.pid, cycled, args, repeats=True)
     finally:
         stop(process)
 
@@ -409,6 +448,12 @@ async def main() -> None:
         "--drain", type=float, default=60, help="seconds to wait for the outbox to drain"
     )
     parser.add_argument("--profile", help="a directory for py-spy raw profiles of each run")
+    parser.add_argument(
+        "--engine",
+        choices=["wrk", "python"],
+        default="wrk" if wrk.available() else "python",
+        help="load generator (default: wrk when installed)",
+    )
     args = parser.parse_args()
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -461,6 +506,10 @@ async def main() -> None:
             f"{many.connections} connections (target >= 1x); ack p50 {one.p50:.2f} ms at 1 "
             f"connection (target < {TARGET_P50_MS:g} ms; minimal Bolt {bolt[0].p50:.2f} ms)"
         )
+        cpu = ", ".join(
+            f"{1000 * f.cpu / max(f.sent, 1):.2f} ms at {f.connections}" for f in (one, many)
+        )
+        print(f"{'':<4}serve CPU per click (its side effects included): {cpu}")
         rate = (check.backlog - check.backlog_left) / max(check.backlog_after, 1e-9)
         drained = (
             f"drained {check.backlog_after:.1f} s later"
@@ -470,7 +519,8 @@ async def main() -> None:
         drained += f" ({rate:.0f} jobs/s)"
         print(
             f"{'':<4}votes in the database {check.votes}, clicks acked {check.acked} "
-            f"(warm-up included), refused {check.refused}; outbox jobs queued when the clicks "
+            f"(warm-up included; wrk stops with a click per connection in flight, which may be "
+            f"voted unseen), refused {check.refused}; outbox jobs queued when the clicks "
             f"stopped: {check.backlog}, {drained} through the stand-in"
         )
 

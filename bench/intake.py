@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -37,6 +37,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import wrk  # noqa: E402
 from tests.support import SECRET, event_body, free_port, sign  # noqa: E402
 
 POLICY = """
@@ -108,104 +109,19 @@ async def load(
     }
 
 
-WRK_SCRIPT = r"""
--- Replays pre-signed requests; thread n of N takes records n, n+N, n+2N...
-local records, index, step = {}, 0, 1
-local counter, threads = 0, {}
-wrapped = 0
-function setup(thread)
-  thread:set("offset", counter)
-  counter = counter + 1
-  threads[#threads + 1] = thread
-end
-function init(args)
-  local file = io.open(args[1], "r")
-  local lines = {}
-  for line in file:lines() do lines[#lines + 1] = line end
-  file:close()
-  step = tonumber(args[2])
-  for i = 1 + offset * 4, #lines, 4 * step do
-    records[#records + 1] = {
-      ["content-type"] = "application/json",
-      ["webhook-id"] = lines[i], ["webhook-timestamp"] = lines[i + 1],
-      ["webhook-signature"] = lines[i + 2], body = lines[i + 3],
-    }
-  end
-end
-function request()
-  index = index + 1
-  if index > #records then
-    -- Out of fresh events: the rest would be duplicates, so the run is reported as invalid.
-    index, wrapped = 1, wrapped + 1
-  end
-  local r = records[index]
-  local body = r.body
-  local headers = {
-    ["content-type"] = r["content-type"], ["webhook-id"] = r["webhook-id"],
-    ["webhook-timestamp"] = r["webhook-timestamp"], ["webhook-signature"] = r["webhook-signature"],
-  }
-  return wrk.format("POST", "/v1/events", headers, body)
-end
-done = function(summary, latency, requests)
-  local repeats = 0
-  for _, thread in ipairs(threads) do repeats = repeats + thread:get("wrapped") end
-  io.write(string.format("RESULT %d %d %d %f %f %d\n", summary.requests,
-    summary.errors.status + summary.errors.connect + summary.errors.read
-      + summary.errors.write + summary.errors.timeout,
-    summary.duration, latency:percentile(50), latency:percentile(99), repeats))
-end
-"""
-
-
-def presign(path: Path, count: int, callback: str | None) -> None:
-    """`count` signed events, each with its own webhook-id, four lines each, for the Lua script."""
-    with path.open("w") as out:
-        for _ in range(count):
-            raw, headers = sign(event_body(attributes={"amount": 100}, callback_url=callback))
-            out.write(
-                f"{headers['webhook-id']}\n{headers['webhook-timestamp']}\n"
-                f"{headers['webhook-signature']}\n{raw.decode()}\n"
-            )
+def presigned(count: int, callback: str | None) -> Iterator[tuple[bytes, dict[str, str]]]:
+    """`count` signed events, each with its own webhook-id, for wrk to replay."""
+    for _ in range(count):
+        raw, headers = sign(event_body(attributes={"amount": 100}, callback_url=callback))
+        yield raw, {"content-type": "application/json", **headers}
 
 
 def wrk_load(
     base: str, *, seconds: float, connections: int, callback: str | None, rate_hint: int
 ) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        script, records = Path(tmp) / "replay.lua", Path(tmp) / "requests.txt"
-        script.write_text(WRK_SCRIPT)
-        threads = 2
-        # Enough distinct events for the whole run at the bare handler's rate, with room.
-        presign(records, int(rate_hint * (seconds + 1)), callback)
-        finished = subprocess.run(
-            [
-                "wrk",
-                f"-t{threads}",
-                f"-c{connections}",
-                f"-d{max(1, round(seconds))}s",
-                "--latency",
-                "-s",
-                str(script),
-                base,
-                "--",
-                str(records),
-                str(threads),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    line = next(row for row in finished.stdout.splitlines() if row.startswith("RESULT"))
-    _, n, errors, duration_us, p50_us, p99_us, repeats = line.split()
-    if int(repeats):
-        raise SystemExit("wrk ran out of pre-signed events; raise rate_hint")
-    return {
-        "rps": int(n) / (int(duration_us) / 1e6),
-        "p50": float(p50_us) / 1000,
-        "p99": float(p99_us) / 1000,
-        "n": int(n),
-        "errors": int(errors),
-    }
+    # Enough distinct events for the whole run at the bare handler's rate, with room.
+    records = presigned(int(rate_hint * (seconds + 1)), callback)
+    return wrk.replay(f"{base}/v1/events", records, seconds=seconds, connections=connections)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -419,7 +335,7 @@ async def main() -> None:
     parser.add_argument(
         "--engine",
         choices=["wrk", "python"],
-        default="wrk" if shutil.which("wrk") else "python",
+        default="wrk" if wrk.available() else "python",
         help="load generator (default: wrk when installed)",
     )
     parser.add_argument(
