@@ -48,6 +48,9 @@ async def _deadlock(postgres_url: str) -> tuple[object, list[int]]:
             return len(runs)
 
         async with engine.connect() as other, engine.connect() as watcher:
+            # The unit's connection is made now, not while `other` holds its lock: a backend
+            # starting up then did not always show in pg_stat_activity within the wait below.
+            await runner.run(lambda session: session.execute(text("SELECT 1")))
             await other.execute(text("SET deadlock_timeout = '10s'"))
             await other.execute(text("SELECT id FROM t WHERE id = 2 FOR UPDATE"))
             unit = asyncio.create_task(runner.run(work))
