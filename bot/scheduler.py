@@ -108,7 +108,8 @@ class Scheduler:
             batch = await self._runner.run(
                 lambda session: sweep(
                     session, now=now, jobs=self._jobs, limit=SWEEP_BATCH, jobs_at=jobs_at
-                )
+                ),
+                background=True,
             )
             fired.extend(batch)
             if len(batch) < SWEEP_BATCH:
@@ -152,7 +153,8 @@ class Scheduler:
                     kind=plan.kind,
                     now=now,
                     jobs_at=jobs_at,
-                )
+                ),
+                background=True,
             )
             self._settled.add((channel, due))
             if claimed:

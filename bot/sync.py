@@ -46,7 +46,8 @@ class SyncBack:
             decision = await self._runner.run(
                 lambda session: read_decision(
                     session, request_id, idempotency_key=job.idempotency_key
-                )
+                ),
+                background=True,
             )
         except NotFound:
             raise TerminalSyncError(f"request {request_id} no longer exists") from None

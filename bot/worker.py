@@ -230,15 +230,15 @@ class OutboxWorker:
         now = self._clock()
 
         def claim_and_prepare(session: Session) -> list[ClaimedJob]:
+            if not any_due(session, now=now):
+                return []
             return self._prepare(
                 session, claim_sync(session, limit=limit, lease=self._lease, now=now)
             )
 
         try:
-            if not await any_due(self._sessions, now=now):
-                return []
             if self._runner is not None:
-                return await self._runner.run(claim_and_prepare)
+                return await self._runner.run(claim_and_prepare, background=True)
             async with self._sessions.begin() as session:
                 return await session.run_sync(claim_and_prepare)
         except (SQLAlchemyError, OSError):
@@ -332,7 +332,7 @@ class OutboxWorker:
         now = self._clock()
         if self._runner is not None:
             return await self._runner.run(
-                lambda session: record_outcomes(session, outcomes, now=now)
+                lambda session: record_outcomes(session, outcomes, now=now), background=True
             )
         async with self._sessions.begin() as session:
             return await session.run_sync(record_outcomes, outcomes, now=now)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import logging
@@ -23,6 +22,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import ConnectionPoolEntry
+
+from storage.writer_thread import WriterThread
 
 T = TypeVar("T")
 
@@ -114,9 +115,9 @@ _READ_ONLY = "signoff_read_only"
 async def reading(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
     """A session for reads only. On SQLite its transaction begins deferred instead of taking
     the write lock (as every other transaction here does), so reads that answer a request (long
-    polls, `/metrics`, baseline lookups) do not queue behind the writers. The outbox's poll
-    takes the lock on purpose (`storage.outbox.any_due`). A write in it is a bug: under
-    contention SQLite refuses the upgrade with SQLITE_BUSY. PostgreSQL ignores the mark."""
+    polls, `/metrics`, baseline lookups) do not queue behind the writers. A write in it is a
+    bug: under contention SQLite refuses the upgrade with SQLITE_BUSY. PostgreSQL ignores the
+    mark."""
     async with sessions() as session:
         await session.connection(execution_options={_READ_ONLY: True})
         yield session
@@ -140,8 +141,8 @@ class TransactionRunner:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._sessions = sessionmaker(engine)
-        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._sync_sessions: orm.sessionmaker[orm.Session] | None = None
+        self._thread: WriterThread | None = None
         if is_sqlite(engine):
             url = engine.url.set(drivername="sqlite+pysqlite")
             sync_engine = sa_create_engine(
@@ -150,9 +151,7 @@ class TransactionRunner:
             _tune_sqlite(sync_engine)
             self._sync_sessions = orm.sessionmaker(sync_engine, expire_on_commit=False)
             # One thread owns the connection; SQLite allows one writer at a time anyway.
-            self._thread = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="signoff-sqlite-writer"
-            )
+            self._thread = WriterThread("signoff-sqlite-writer")
 
     @property
     def shared(self) -> bool:
@@ -160,8 +159,11 @@ class TransactionRunner:
         PostgreSQL. SQLite serves one process."""
         return self._sync_sessions is None
 
-    async def run(self, work: Callable[[orm.Session], T]) -> T:
-        if self._sync_sessions is None:
+    async def run(self, work: Callable[[orm.Session], T], *, background: bool = False) -> T:
+        """Run `work` in a transaction and return what it returns. `background`: the unit
+        answers no request (a side effect, a sweep), and on SQLite waits while units that do
+        are queued (see `storage.writer_thread`)."""
+        if self._sync_sessions is None or self._thread is None:
             return await self._run_async(work)
         sync_sessions = self._sync_sessions
 
@@ -169,8 +171,7 @@ class TransactionRunner:
             with sync_sessions.begin() as session:
                 return work(session)
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, in_thread)
+        return await asyncio.wrap_future(self._thread.submit(in_thread, background=background))
 
     async def _run_async(self, work: Callable[[orm.Session], T]) -> T:
         attempt = 1
@@ -193,7 +194,7 @@ class TransactionRunner:
 
     def close(self) -> None:
         if self._thread is not None:
-            self._thread.shutdown(wait=True)
+            self._thread.close()
         if self._sync_sessions is not None:
             bind = self._sync_sessions.kw["bind"]
             assert isinstance(bind, Engine)

@@ -20,7 +20,7 @@ from bot.metrics import Metrics
 from bot.slack.client import SlackFailure
 from bot.slack.directory import Directory
 from policies.model import Route
-from storage.db import TransactionRunner
+from storage.db import TransactionRunner, reading
 from storage.models import EventRecord, Request, RequestStatus
 from storage.votes import (
     Ballot,
@@ -100,7 +100,7 @@ class ClickService:
     async def _target(self, request_id: str) -> _Target | None:
         if request_id in self._targets:
             return self._targets[request_id]
-        async with self._sessions() as session:
+        async with reading(self._sessions) as session:
             row = (
                 await session.execute(
                     select(Request.route, EventRecord.body)
@@ -145,7 +145,7 @@ class ClickService:
         target = await self._target(click.request_id)
         if target is None:
             return Refusal.not_found
-        async with self._sessions() as session:
+        async with reading(self._sessions) as session:
             row = (
                 await session.execute(
                     select(Request.status, Request.version, Request.superseded_by).where(

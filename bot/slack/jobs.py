@@ -90,7 +90,7 @@ class SlackJobHandlers:
         request_id = str(job.payload["request_id"])
         try:
             return await self._runner.run(
-                lambda session: read_request(session, request_id, jobs=False)
+                lambda session: read_request(session, request_id, jobs=False), background=True
             )
         except NotFound:
             raise TerminalSyncError(f"request {request_id} no longer exists") from None
@@ -152,7 +152,8 @@ class SlackJobHandlers:
         post = await self._runner.run(
             lambda session: session.scalar(
                 select(OutboxJob.status).where(OutboxJob.idempotency_key == f"card-{request.id}")
-            )
+            ),
+            background=True,
         )
         if post is None:
             raise TerminalSyncError(f"request {request.id} has no card to update")
