@@ -26,8 +26,8 @@ from slack_sdk.models.views import View
 from bot.slack.mrkdwn import cut, cut_mrkdwn, date, escape_mrkdwn, is_user_id, join_within, user
 from connectors.redaction import redact, redact_text
 from policies.model import Route, format_duration
-from storage.models import Request, RequestStatus, Vote
-from storage.requests import RequestView
+from storage.models import Request, RequestStatus
+from storage.requests import RequestView, VoteView
 
 __all__ = [
     "ACTION_ID_MAX",
@@ -299,7 +299,7 @@ def trace_line(step: Mapping[str, Any]) -> str:
     return line
 
 
-def vote_line(vote: Vote) -> str:
+def vote_line(vote: VoteView) -> str:
     approve = vote.choice == "approve"
     emoji = ":white_check_mark:" if approve else ":x:"
     verb = "approved" if approve else "rejected"
@@ -312,7 +312,7 @@ def vote_line(vote: Vote) -> str:
     return line
 
 
-def votes_text(votes: Sequence[Vote]) -> str:
+def votes_text(votes: Sequence[VoteView]) -> str:
     return join_within(
         [vote_line(vote) for vote in votes],
         head="*Votes*\n",

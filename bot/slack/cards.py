@@ -65,8 +65,8 @@ from bot.slack.mrkdwn import (
     user,
 )
 from policies.model import ApproverGroup, Route, format_duration
-from storage.models import Request, RequestStatus, Vote
-from storage.requests import RequestView
+from storage.models import Request, RequestStatus
+from storage.requests import RequestView, VoteView
 from storage.votes import progress
 
 __all__ = [
@@ -142,7 +142,7 @@ def _approvers(entry: ApproverGroup) -> str:
     return ", ".join(user(ref) for ref in entry.users or [])
 
 
-def progress_line(route: Route, votes: Sequence[Vote]) -> str:
+def progress_line(route: Route, votes: Sequence[VoteView]) -> str:
     """`2 of @finance-leads (1/2) · 1 of <@U0CFO> (0/1)`: what is needed and how far along."""
     # Counted by storage's rule, the one that decides the request, so the card cannot disagree.
     tally = progress(route, [(vote.choice, vote.groups or []) for vote in votes])
@@ -153,7 +153,7 @@ def progress_line(route: Route, votes: Sequence[Vote]) -> str:
     return " · ".join(parts)
 
 
-def still_needed(route: Route, votes: Sequence[Vote]) -> str:
+def still_needed(route: Route, votes: Sequence[VoteView]) -> str:
     """`1 more of @finance-leads · 1 more of <@U0CFO>`; "" once every entry has its quorum."""
     tally = progress(route, [(vote.choice, vote.groups or []) for vote in votes])
     return " · ".join(
@@ -313,7 +313,7 @@ def _why_text(request: Request, facts: Facts) -> str:
 
 
 def _needs_text(
-    route: Route, votes: Sequence[Vote], status: RequestStatus, *, has_actor: bool
+    route: Route, votes: Sequence[VoteView], status: RequestStatus, *, has_actor: bool
 ) -> str:
     word = "Needs" if status is RequestStatus.pending else "Needed"
     text = f"*{word}* {progress_line(route, votes)}"
@@ -382,7 +382,7 @@ def _footer(request: Request, facts: Facts) -> str:
 # --- thread replies and DMs ------------------------------------------------------------------
 
 
-def vote_reply_text(votes: Sequence[Vote], view: RequestView) -> str:
+def vote_reply_text(votes: Sequence[VoteView], view: RequestView) -> str:
     """The thread reply under the card when someone votes: a line per vote (several when votes
     came in a burst and share one reply), then what is still needed."""
     text = "\n".join(vote_line(vote) for vote in votes)

@@ -67,8 +67,7 @@ def test_silence_modal() -> None:
 
 
 def test_a_vote_that_picked_a_silence_says_so() -> None:
-    view = make_view(alert(), votes=[ALICE])
-    view.votes[0].params = {"silence": "12h"}
+    view = make_view(alert(), votes=[{**ALICE, "params": {"silence": "12h"}}])
     assert "approved <!date^" in all_text(card_payload(view))
     assert "with a 12h silence" in all_text(card_payload(view))
 

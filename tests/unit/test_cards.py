@@ -33,8 +33,8 @@ from connectors.events import Event
 from connectors.redaction import MASK
 from policies.gateway import Policy
 from policies.loader import load_policy, parse_policy
-from storage.models import EventRecord, Request, Vote
-from storage.requests import RequestView
+from storage.models import EventRecord, Request
+from storage.requests import RequestView, VoteView
 from tests.golden import assert_golden
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,14 +143,14 @@ def make_view(
     }
     fields.update(request_fields)
     rows = [
-        Vote(
+        VoteView(
             id=index + 1,
-            request_id="r_test0001",
             user_id=vote["user_id"],
             user_name=vote.get("user_name", ""),
             choice=vote.get("choice", "approve"),
             reason=vote.get("reason", ""),
             groups=vote.get("groups", []),
+            params=vote.get("params"),
             created_at=vote.get("at", T0 + timedelta(minutes=5 + index)),
         )
         for index, vote in enumerate(votes or [])
