@@ -109,6 +109,12 @@ class OutboxWorker:
 
     `await run()` until `await stop(grace)`. `wake()` after committing a job skips the rest of
     the poll interval. All methods must be called from the event loop the worker runs on.
+
+    Side effects yield to requests: on SQLite, before each claim the worker waits (up to
+    `yield_for` seconds) for a lull in the units that answer requests, so under a burst the
+    sources and clickers get their answers first, and side effects batch up and catch up as it
+    eases. Once the oldest job claimed has waited `max_lag`, it stops waiting until it has
+    caught up: a steady load cannot hold side effects back for longer than about that.
     """
 
     def __init__(
@@ -127,6 +133,8 @@ class OutboxWorker:
         name: str | None = None,
         runner: TransactionRunner | None = None,
         metrics: Metrics | None = None,
+        yield_for: float = 0.25,
+        max_lag: timedelta = timedelta(seconds=5),
     ) -> None:
         if max_attempts < 1 or concurrency < 1 or batch < 1:
             raise ValueError("max_attempts, concurrency and batch must be at least 1")
@@ -134,6 +142,9 @@ class OutboxWorker:
         # With a runner (the service shares the intake's), claims and outcomes each take one
         # hop to the database; without one they go through the async sessions.
         self._runner = runner
+        self._yield_for = yield_for
+        self._max_lag = max_lag
+        self._lag_since = _utcnow()  # the due time of the oldest job of the last claim
         self._outcomes = _OutcomeWriter(self._write_outcomes)
         self._metrics = metrics or Metrics()
         self._handlers = dict(handlers)
@@ -227,6 +238,8 @@ class OutboxWorker:
             pass
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
+        if self._runner is not None and self._clock() - self._lag_since < self._max_lag:
+            await self._runner.quiet(self._yield_for)
         now = self._clock()
 
         def claim_and_prepare(session: Session) -> list[ClaimedJob]:
@@ -238,7 +251,10 @@ class OutboxWorker:
 
         try:
             if self._runner is not None:
-                return await self._runner.run(claim_and_prepare, background=True)
+                jobs = await self._runner.run(claim_and_prepare, background=True)
+                # Claimed oldest-due first: how long the oldest has waited.
+                self._lag_since = (jobs[0].due_at or now) if jobs else now
+                return jobs
             async with self._sessions.begin() as session:
                 return await session.run_sync(claim_and_prepare)
         except (SQLAlchemyError, OSError):

@@ -173,6 +173,16 @@ class TransactionRunner:
 
         return await asyncio.wrap_future(self._thread.submit(in_thread, background=background))
 
+    async def quiet(self, most: float) -> None:
+        """Wait until no unit that answers a request is queued or running on SQLite's database
+        thread, for at most `most` seconds: background work (the outbox worker) yields to
+        requests under a burst and catches up as it eases."""
+        if self._thread is None:
+            return
+        deadline = asyncio.get_running_loop().time() + most
+        while self._thread.foreground_busy and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.002)
+
     async def _run_async(self, work: Callable[[orm.Session], T]) -> T:
         attempt = 1
         while True:

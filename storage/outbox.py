@@ -90,6 +90,8 @@ class ClaimedJob:
     locked_until: datetime
     # What the handler's `prepare` read for this job in the claim's own transaction (bot.worker),
     # or None: the handler then reads for itself.
+    # When it became due (its `next_attempt_at` when claimed): how long it waited.
+    due_at: datetime | None = None
     prepared: Any = None
 
 
@@ -274,6 +276,7 @@ def claim_sync(
             payload=row.payload,
             attempts=row.attempts,
             locked_until=locked_until,
+            due_at=row.next_attempt_at,
         )
         for row in rows
     ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,9 @@ T = TypeVar("T")
 
 # Foreground units run in a row before one waiting background unit gets its turn.
 FOREGROUND_RUN = 4
+# A foreground unit finished this recently (seconds) still counts as busy: under a burst the
+# next request's unit follows within a millisecond or two, after the event loop's share.
+RECENT = 0.003
 
 _Item = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
 
@@ -33,6 +37,8 @@ class WriterThread:
         self._background: collections.deque[_Item] = collections.deque()
         self._ready = threading.Condition()
         self._closed = False
+        self._running_foreground = False
+        self._foreground_done = 0.0
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -45,6 +51,15 @@ class WriterThread:
             self._ready.notify()
         return future
 
+    @property
+    def foreground_busy(self) -> bool:
+        """Whether a unit that answers a request is queued, running or just finished."""
+        return (
+            bool(self._foreground)
+            or self._running_foreground
+            or time.monotonic() - self._foreground_done < RECENT
+        )
+
     def close(self) -> None:
         """Run what is queued, then stop the thread."""
         with self._ready:
@@ -54,11 +69,15 @@ class WriterThread:
 
     def _next(self, foreground_run: int) -> tuple[_Item | None, int]:
         with self._ready:
+            if self._running_foreground:  # the unit before this one has finished
+                self._running_foreground = False
+                self._foreground_done = time.monotonic()
             while not (self._foreground or self._background or self._closed):
                 self._ready.wait()
             if self._background and (not self._foreground or foreground_run >= FOREGROUND_RUN):
                 return self._background.popleft(), 0
             if self._foreground:
+                self._running_foreground = True
                 return self._foreground.popleft(), foreground_run + 1
             return None, 0  # closed and drained
 

@@ -3,12 +3,15 @@ progress, and each caller gets its own result or error."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import threading
+import time
 
 import pytest
 
-from storage.writer_thread import FOREGROUND_RUN, WriterThread
+from storage.db import TransactionRunner, create_engine
+from storage.writer_thread import FOREGROUND_RUN, RECENT, WriterThread
 
 
 @pytest.fixture
@@ -93,3 +96,42 @@ def test_close_runs_what_is_queued_then_refuses_more() -> None:
     assert sorted(ran) == [0, 1, 2, 3]
     with pytest.raises(RuntimeError, match="closed"):
         writer.submit(lambda: None, background=False)
+
+
+def test_foreground_counts_as_busy_while_queued_running_and_just_after(writer) -> None:
+    assert not writer.foreground_busy
+    writer.submit(lambda: None, background=True).result(10)
+    assert not writer.foreground_busy  # background units never make it busy
+    release = blocked(writer)
+    assert writer.foreground_busy
+    release.set()
+    writer.submit(lambda: None, background=True).result(10)  # the held unit has finished
+    assert writer.foreground_busy  # within RECENT of it
+    time.sleep(RECENT * 2)
+    assert not writer.foreground_busy
+
+
+async def test_background_work_waits_for_a_lull_at_most_as_long_as_it_is_told(tmp_path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'quiet.db'}")
+    runner = TransactionRunner(engine)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        await runner.quiet(5)
+        assert loop.time() - started < 0.5, "nothing was busy: no wait"
+        release = threading.Event()
+        held = asyncio.ensure_future(runner.run(lambda _session: release.wait(10)))
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        await runner.quiet(0.2)
+        assert loop.time() - started >= 0.2, "a request's unit was running: it waited"
+        release.set()
+        await held
+        await asyncio.sleep(RECENT * 2)
+        started = loop.time()
+        await runner.quiet(5)
+        assert loop.time() - started < 0.5
+    finally:
+        release.set()
+        runner.close()
+        await engine.dispose()
