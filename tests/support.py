@@ -156,3 +156,20 @@ class CallbackSink:
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
             except TimeoutError:
                 pass
+
+
+async def wait_for_a_lock_wait(conn: Any) -> None:
+    """PostgreSQL: until some transaction on `conn`'s database waits for a row lock."""
+    from sqlalchemy import text
+
+    for _ in range(500):
+        waiting = await conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no transaction came to wait for a lock")

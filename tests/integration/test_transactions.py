@@ -11,22 +11,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from storage.db import TransactionRunner, create_engine
+from tests.support import wait_for_a_lock_wait
 
 pytestmark = pytest.mark.postgres
-
-
-async def _wait_for_a_lock_wait(conn) -> None:
-    for _ in range(500):
-        waiting = await conn.scalar(
-            text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'"
-            )
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("no transaction came to wait for a lock")
 
 
 async def _deadlock(postgres_url: str) -> tuple[object, list[int]]:
@@ -54,7 +41,7 @@ async def _deadlock(postgres_url: str) -> tuple[object, list[int]]:
             await other.execute(text("SET deadlock_timeout = '10s'"))
             await other.execute(text("SELECT id FROM t WHERE id = 2 FOR UPDATE"))
             unit = asyncio.create_task(runner.run(work))
-            await _wait_for_a_lock_wait(watcher)
+            await wait_for_a_lock_wait(watcher)
             # Waits for row 1, which the unit holds: PostgreSQL ends the unit after ~1 s.
             await other.execute(text("SELECT id FROM t WHERE id = 1 FOR UPDATE"))
             await other.commit()

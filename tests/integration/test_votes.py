@@ -7,7 +7,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 
 from connectors.events import Event
 from policies.model import Decision, DecisionKind, Route
@@ -29,7 +29,7 @@ from storage.votes import (
     cast,
     cast_many,
 )
-from tests.support import event_body
+from tests.support import event_body, wait_for_a_lock_wait
 
 ROUTE = Route.model_validate(
     {
@@ -402,22 +402,6 @@ async def test_a_ballot_that_fails_does_not_fail_the_clicks_it_shared_a_transact
     assert voters == ["U1", "U3"]
 
 
-async def _wait_for_a_lock_wait(engine) -> None:
-    """Until some transaction on this database waits for a row lock."""
-    async with engine.connect() as conn:
-        for _ in range(500):
-            waiting = await conn.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock'"
-                )
-            )
-            if waiting:
-                return
-            await asyncio.sleep(0.01)
-    raise AssertionError("no transaction came to wait for a lock")
-
-
 @pytest.mark.postgres
 async def test_a_batch_locks_its_requests_in_id_order_whatever_the_ballots_order(
     postgres_url: str,
@@ -441,7 +425,8 @@ async def test_a_batch_locks_its_requests_in_id_order_whatever_the_ballots_order
                     )
                 )
             )
-            await _wait_for_a_lock_wait(engine)
+            async with engine.connect() as watcher:
+                await wait_for_a_lock_wait(watcher)
             async with engine.connect() as other:
                 # NOWAIT: fails at once if the batch had taken the higher id first.
                 locked = await other.scalar(
