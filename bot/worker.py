@@ -144,7 +144,7 @@ class OutboxWorker:
         self._runner = runner
         self._yield_for = yield_for
         self._max_lag = max_lag
-        self._lag_since = _utcnow()  # the due time of the oldest job of the last claim
+        self._lag_since = clock()  # the due time of the oldest job of the last claim
         self._outcomes = _OutcomeWriter(self._write_outcomes)
         self._metrics = metrics or Metrics()
         self._handlers = dict(handlers)

@@ -174,9 +174,9 @@ class TransactionRunner:
         return await asyncio.wrap_future(self._thread.submit(in_thread, background=background))
 
     async def quiet(self, most: float) -> None:
-        """Wait until no unit that answers a request is queued or running on SQLite's database
-        thread, for at most `most` seconds: background work (the outbox worker) yields to
-        requests under a burst and catches up as it eases."""
+        """Wait until no unit that answers a request is queued, running or just finished on
+        SQLite's database thread, for at most `most` seconds: background work (the outbox
+        worker) yields to requests under a burst and catches up as it eases."""
         if self._thread is None:
             return
         deadline = asyncio.get_running_loop().time() + most
