@@ -88,10 +88,10 @@ class ClaimedJob:
     payload: dict[str, Any]
     attempts: int
     locked_until: datetime
-    # What the handler's `prepare` read for this job in the claim's own transaction (bot.worker),
-    # or None: the handler then reads for itself.
     # When it became due (its `next_attempt_at` when claimed): how long it waited.
     due_at: datetime | None = None
+    # What the handler's `prepare` read for this job in the claim's own transaction (bot.worker),
+    # or None: the handler then reads for itself.
     prepared: Any = None
 
 
