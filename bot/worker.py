@@ -95,13 +95,9 @@ class _OutcomeWriter(GroupCommit[Outcome, bool]):
             applied = await self._write_outcomes([outcome for outcome, _ in batch])
         except (SQLAlchemyError, OSError) as exc:
             # The database is away: each caller retries while its claim lasts (`_record`).
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(batch, exc)
             return
-        for (_, future), ok in zip(batch, applied, strict=True):
-            if not future.done():
-                future.set_result(ok)
+        self._succeed(batch, applied)
 
 
 class OutboxWorker:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,24 @@ class GroupCommit(Generic[ItemT, ResultT]):
         return await future
 
     async def _write(self, batch: list[tuple[ItemT, asyncio.Future[ResultT]]]) -> None:
-        """Write the batch and settle each of its futures (a result or an exception)."""
+        """Write the batch and settle each of its futures (`_succeed` or `_fail`)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _succeed(
+        batch: list[tuple[ItemT, asyncio.Future[ResultT]]], results: Sequence[ResultT]
+    ) -> None:
+        """Give each caller of the batch its own result (in the batch's order)."""
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[ItemT, asyncio.Future[ResultT]]], exc: BaseException) -> None:
+        """Give every caller of the batch the error."""
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
 
     async def _flush(self) -> None:
         while self._pending:
@@ -56,9 +73,7 @@ class GroupCommit(Generic[ItemT, ResultT]):
                 # A bug in a write must not leave its callers waiting forever, nor stop the
                 # batches queued behind it: each caller gets the error.
                 log.exception("a group commit of %d item(s) failed", len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                self._fail(batch, exc)
 
     async def _linger(self) -> None:
         size = -1

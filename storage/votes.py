@@ -651,11 +651,7 @@ class VoteWriter(GroupCommit[Ballot | Refused, VoteResult | VoteRefused | None])
                 for one in batch:
                     await self._write([one])
                 return
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(batch, exc)
             return
         self._facts.committed(tallies)
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if not future.done():
-                future.set_result(outcome)
+        self._succeed(batch, outcomes)
