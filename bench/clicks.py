@@ -428,7 +428,8 @@ def row(name: str, figures: Figures) -> str:
     bound = "  (ran out of clicks: raise --clicks)" if figures.exhausted else ""
     return (
         f"{name:<24} {figures.connections:>5} {figures.rate:>10.0f} {figures.p50:>9.2f} ms "
-        f"{figures.p99:>8.2f} ms {figures.sent:>8} {figures.errors:>7}{bound}"
+        f"{figures.p99:>8.2f} ms {figures.sent:>8} {figures.errors:>7} "
+        f"{1000 * figures.cpu / max(figures.sent, 1):>7.2f} ms{bound}"
     )
 
 
@@ -493,7 +494,7 @@ async def main() -> None:
     )
     print(
         f"{'target':<24} {'conns':>5} {'clicks/s':>10} {'ack p50':>12} {'ack p99':>11} "
-        f"{'clicks':>8} {'errors':>7}"
+        f"{'clicks':>8} {'errors':>7} {'CPU/click':>10}"
     )
     for name, runs in results.items():
         for figures in runs:
