@@ -12,13 +12,13 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CursorResult, bindparam, select, update
+from sqlalchemy import Connection, CursorResult, bindparam, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -202,15 +202,25 @@ class RequestFacts:
         self._facts[request_id] = fixed
         return fixed
 
-    def tally(self, session: Session, request_id: str) -> _Tally:
-        """The request's tally now (under its row lock): the last committed one, caught up
-        with the votes after it."""
-        tally = self._tallies.get(request_id) or _Tally()
-        for vote_id, user_id, choice, groups in session.connection().execute(
-            _VOTES_AFTER, {"request_id": request_id, "after": tally.last_id}
-        ):
-            tally = tally.add(vote_id, user_id, choice, groups)
-        return tally
+    def tallies(self, conn: Connection, request_ids: Collection[str]) -> dict[str, _Tally]:
+        """The requests' tallies now (under their row locks): the last committed ones, caught
+        up with the votes after them, in at most two queries for the whole batch (requests
+        never seen before read all their votes; the others, the votes after the oldest of
+        their tallies)."""
+        tallies = {r: self._tallies.get(r) or _Tally() for r in request_ids}
+        cold = sorted(r for r, tally in tallies.items() if not tally.last_id)
+        warm = sorted(r for r, tally in tallies.items() if tally.last_id)
+        for ids in (cold, warm):
+            if not ids:
+                continue
+            after = min(tallies[r].last_id for r in ids)
+            for vote_id, request_id, user_id, choice, groups in conn.execute(
+                _VOTES_AFTER, {"request_ids": ids, "after": after}
+            ):
+                tally = tallies[request_id]
+                if vote_id > tally.last_id:  # a later tally than `after` has it already
+                    tallies[request_id] = tally.add(vote_id, user_id, choice, groups)
+        return tallies
 
     def committed(self, tallies: Mapping[str, _Tally]) -> None:
         if len(self._tallies) + len(tallies) > self._limit:
@@ -223,13 +233,18 @@ class RequestFacts:
 _VOTES = table_of(Vote)
 _JOBS = table_of(OutboxJob)
 _REQUESTS = table_of(Request)
-_VOTES_AFTER = select(_VOTES.c.id, _VOTES.c.user_id, _VOTES.c.choice, _VOTES.c.groups).where(
-    _VOTES.c.request_id == bindparam("request_id"), _VOTES.c.id > bindparam("after")
+_VOTES_AFTER = (
+    select(_VOTES.c.id, _VOTES.c.request_id, _VOTES.c.user_id, _VOTES.c.choice, _VOTES.c.groups)
+    .where(
+        _VOTES.c.request_id.in_(bindparam("request_ids", expanding=True)),
+        _VOTES.c.id > bindparam("after"),
+    )
+    .order_by(_VOTES.c.id)
 )
 _PENDING_EFFECTS = (
-    select(_JOBS.c.id, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.attempts)
+    select(_JOBS.c.id, _JOBS.c.request_id, _JOBS.c.kind, _JOBS.c.payload, _JOBS.c.attempts)
     .where(
-        _JOBS.c.request_id == bindparam("request_id"),
+        _JOBS.c.request_id.in_(bindparam("request_ids", expanding=True)),
         _JOBS.c.kind.in_(bindparam("kinds", expanding=True)),
         _JOBS.c.status == JobStatus.pending.value,
     )
@@ -240,6 +255,15 @@ _GROW_REPLY = (
     .where(_JOBS.c.id == bindparam("job_id"))
     .values(payload=bindparam("grown_payload"))
 )
+
+
+@dataclass
+class _RequestRow:
+    """A request's columns a ballot is judged on, read under the request's lock."""
+
+    status: str
+    version: str
+    superseded_by: str | None
 
 
 @dataclass
@@ -254,47 +278,63 @@ class _Queued:
 @dataclass
 class _Batch:
     """What the ballots of one transaction add up to; jobs and audit records are written once,
-    at the end, in ballot order."""
+    at the end, in ballot order. What the ballots need to read (their requests' rows, tallies
+    and open side effects) is read up front for all of them, a query each, not per ballot."""
 
     jobs: SlackJobs
+    conn: Connection
     entries: list[AuditEntry] = field(default_factory=list)
-    # Tallies this transaction changed, for `RequestFacts.committed` once it has committed.
+    # The batch's requests as they are now: locked, and kept current as ballots decide them.
+    rows: dict[str, _RequestRow] = field(default_factory=dict)
+    # Each request's tally as of the ballots judged so far, for `RequestFacts.committed` once
+    # the transaction has committed.
     tallies: dict[str, _Tally] = field(default_factory=dict)
     new_jobs: list[dict[str, Any]] = field(default_factory=list)
     queued: dict[str, _Queued] = field(default_factory=dict)
     grown: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def pending_effects(self, session: Session, request_id: str) -> _Queued:
-        """The card update and thread reply of this request still open to more votes.
+    def read(self, request_ids: Collection[str], facts: RequestFacts) -> None:
+        """Lock the requests and read what their ballots need.
 
-        Their rows are locked until this transaction commits, so a worker cannot claim them
-        and render in between (`SKIP LOCKED` on its side skips them); one a worker holds right
-        now is skipped here, and this vote queues its own. SQLite runs one writer at a time, so
-        there a claim cannot come in between anyway. A reply already attempted is closed: a
-        retry must send what the failed attempt sent, never more.
+        The requests are locked in id order: locked as the ballots come, two replicas'
+        batches (a double click reaches both) could each hold one request and wait for the
+        other's, a deadlock, and PostgreSQL fails one batch. Every transaction that locks
+        several requests takes them in this order. (SQLite has one writer at a time.)
+
+        The open side effects are the card update and thread reply of each request that more
+        votes may still join. Their rows stay locked until this transaction commits, so a
+        worker cannot claim them and render in between (`SKIP LOCKED` on its side skips them);
+        one a worker holds right now is skipped here, and a vote queues its own. SQLite runs
+        one writer at a time, so there a claim cannot come in between anyway. A reply already
+        attempted is closed: a retry must send what the failed attempt sent, never more.
         """
-        queued = self.queued.get(request_id)
-        if queued is not None:
-            return queued
+        ids = sorted(request_ids)
+        if not ids:
+            return
+        for row in self.conn.execute(_LOCK_REQUESTS, {"request_ids": ids}):
+            self.rows[row.id] = _RequestRow(row.status, row.version, row.superseded_by)
+        self.tallies = facts.tallies(self.conn, list(self.rows))
         kinds = [kind for kind in (self.jobs.update_card, self.jobs.thread_reply) if kind]
-        rows = session.connection().execute(
-            _PENDING_EFFECTS, {"request_id": request_id, "kinds": kinds}
-        )
-        queued = _Queued(update=False, reply=None, reply_job=None)
-        for row in rows:
-            if row.kind == self.jobs.update_card:
+        if not kinds:
+            return
+        self.queued = {request_id: _Queued(False, None, None) for request_id in self.rows}
+        for job in self.conn.execute(_PENDING_EFFECTS, {"request_ids": ids, "kinds": kinds}):
+            queued = self.queued[job.request_id]
+            if job.kind == self.jobs.update_card:
                 queued.update = True
-            elif row.attempts == 0 and len(reply_votes(row.payload)) < REPLY_MAX_VOTES:
-                queued.reply, queued.reply_job = dict(row.payload), row.id
-        self.queued[request_id] = queued
-        return queued
+            elif (
+                queued.reply is None
+                and job.attempts == 0
+                and len(reply_votes(job.payload)) < REPLY_MAX_VOTES
+            ):
+                queued.reply, queued.reply_job = dict(job.payload), job.id
 
-    def queue_reply(self, session: Session, request_id: str, vote_id: int, now: datetime) -> None:
+    def queue_reply(self, request_id: str, vote_id: int, now: datetime) -> None:
         """One thread reply per vote, except under a burst: a vote cast while an earlier vote's
         reply is still waiting for a worker joins that reply (up to REPLY_MAX_VOTES), so a
         burst of votes is a few replies listing them instead of a backlog of one each."""
         assert self.jobs.thread_reply is not None
-        queued = self.pending_effects(session, request_id)
+        queued = self.queued[request_id]
         reply = queued.reply
         if reply is not None and len(reply_votes(reply)) < REPLY_MAX_VOTES:
             reply["vote_ids"] = [*reply_votes(reply), vote_id]
@@ -316,7 +356,7 @@ class _Batch:
     def write(self, session: Session) -> None:
         insert_jobs(session, self.new_jobs)
         if self.grown:
-            session.connection().execute(
+            self.conn.execute(
                 _GROW_REPLY,
                 [{"job_id": job, "grown_payload": payload} for job, payload in self.grown.items()],
             )
@@ -373,9 +413,9 @@ def _cast_batch(
     audit_refusals: bool = True,
 ) -> tuple[list[VoteResult | VoteRefused | None], dict[str, _Tally]]:
     """`cast_many` with the caller's cache; also returns the tallies to keep once committed."""
-    batch = _Batch(jobs)
+    batch = _Batch(jobs, session.connection())
     outcomes: list[VoteResult | VoteRefused | None] = []
-    _lock_requests_in_order(session, {i.request_id for i in items if isinstance(i, Ballot)})
+    batch.read({i.request_id for i in items if isinstance(i, Ballot)}, facts)
     for item in items:
         if isinstance(item, Refused):
             batch.entries.append(refusal_entry(item.ballot, item.refusal, detail=item.detail))
@@ -392,37 +432,21 @@ def _cast_batch(
     return outcomes, batch.tallies
 
 
-# The lock that serialises voters on one request (SQLite's write lock covers it already). Plain
-# columns, not ORM objects: a request decided by an earlier ballot of the same transaction must
-# be read as it is now, not as the session's identity map first saw it.
-_LOCK_REQUEST = (
-    select(_REQUESTS.c.status, _REQUESTS.c.version, _REQUESTS.c.superseded_by)
-    .where(_REQUESTS.c.id == bindparam("request_id"))
-    .with_for_update()
-)
-
-
-_LOCK_REQUESTS_IN_ORDER = (
-    select(_REQUESTS.c.id)
+# The locks that serialise voters on one request (SQLite's write lock covers them already), taken
+# in id order (`_Batch.read`). Plain columns, not ORM objects: a ballot sees its request as the
+# ballots before it in the transaction left it (`_Batch.rows`).
+_LOCK_REQUESTS = (
+    select(_REQUESTS.c.id, _REQUESTS.c.status, _REQUESTS.c.version, _REQUESTS.c.superseded_by)
     .where(_REQUESTS.c.id.in_(bindparam("request_ids", expanding=True)))
     .order_by(_REQUESTS.c.id)
     .with_for_update()
 )
 
 
-def _lock_requests_in_order(session: Session, request_ids: set[str]) -> None:
-    """Lock the batch's requests up front, in id order. Locked as the ballots come, two
-    replicas' batches (a double click reaches both) could each hold one request and wait for
-    the other's: a deadlock, and PostgreSQL fails one batch. Every transaction that locks
-    several requests takes them in this order. SQLite has one writer at a time: no need."""
-    if len(request_ids) > 1 and session.get_bind().dialect.name != "sqlite":
-        session.connection().execute(_LOCK_REQUESTS_IN_ORDER, {"request_ids": sorted(request_ids)})
-
-
 def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFacts) -> VoteResult:
     """Judge and record one ballot; raises VoteRefused before writing anything."""
     jobs = batch.jobs
-    row = session.connection().execute(_LOCK_REQUEST, {"request_id": ballot.request_id}).first()
+    row = batch.rows.get(ballot.request_id)
     fixed = facts.get(session, ballot.request_id) if row is not None else None
     if row is None or fixed is None:
         raise VoteRefused(Refusal.not_found)
@@ -446,28 +470,23 @@ def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFac
         raise VoteRefused(Refusal.reason_required, status=row.status)
 
     # The row lock makes read-then-insert safe here: no other vote on this request can commit
-    # in between. (The unique constraint stays as the last line of defence.) Earlier ballots of
-    # this transaction hold that lock already: their tally is current.
-    tally = batch.tallies.get(request_id) or facts.tally(session, request_id)
+    # in between. (The unique constraint stays as the last line of defence.)
+    tally = batch.tallies[request_id]
     if ballot.user_id in tally.voters:
         raise VoteRefused(Refusal.already_voted, status=row.status)
-    vote_id = (
-        session.connection()
-        .execute(
-            _INSERT_VOTE,
-            {
-                "request_id": request_id,
-                "user_id": ballot.user_id,
-                "user_name": ballot.user_name,
-                "choice": ballot.choice.value,
-                "reason": ballot.reason,
-                "groups": counted,
-                "params": dict(ballot.params) or None,
-                "created_at": ballot.now,
-            },
-        )
-        .scalar_one()
-    )
+    vote_id = batch.conn.execute(
+        _INSERT_VOTE,
+        {
+            "request_id": request_id,
+            "user_id": ballot.user_id,
+            "user_name": ballot.user_name,
+            "choice": ballot.choice.value,
+            "reason": ballot.reason,
+            "groups": counted,
+            "params": dict(ballot.params) or None,
+            "created_at": ballot.now,
+        },
+    ).scalar_one()
     tally = batch.tallies[request_id] = tally.add(
         vote_id, ballot.user_id, ballot.choice.value, counted
     )
@@ -498,7 +517,7 @@ def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFac
         )
     )
     if jobs.thread_reply:
-        batch.queue_reply(session, request_id, vote_id, ballot.now)
+        batch.queue_reply(request_id, vote_id, ballot.now)
     decided = status is not RequestStatus.pending
     if decided:
         _decide(session, ballot, batch, fixed, status)
@@ -507,7 +526,7 @@ def _cast_one(session: Session, ballot: Ballot, batch: _Batch, facts: RequestFac
     # update nobody has claimed yet renders the card from the database when it runs, so it
     # will show this vote too, and one more job would only repeat it.
     if jobs.update_card:
-        queued = batch.pending_effects(session, request_id)
+        queued = batch.queued[request_id]
         if decided or not queued.update:
             batch.new_jobs.append(
                 request_job(jobs.update_card, f"card-update-vote-{vote_id}", request_id, ballot.now)
@@ -546,6 +565,7 @@ def _decide(
         .values(status=status.value, decided_by=decided_by, reason=reason, decided_at=ballot.now)
     )
     assert changed.rowcount == 1, "the row lock guarantees the request is still pending"
+    batch.rows[request_id].status = status.value  # the next ballots on it are refused
     batch.entries.append(
         AuditEntry(
             kind="request.decided",
