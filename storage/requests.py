@@ -99,6 +99,29 @@ async def get_request(session: AsyncSession, request_id: str) -> RequestView:
     return await session.run_sync(read_request, request_id)
 
 
+class EventCache:
+    """Recorded events, kept by whoever reads the same requests again and again (the Slack
+    jobs render a card on every vote). An event never changes once recorded, and reading it
+    (its JSON body parsed, an entity built) was the larger part of such a read. Bounded; its
+    entities are detached, read-only copies."""
+
+    def __init__(self, limit: int = 2_000) -> None:
+        self._limit = limit
+        self._events: dict[str, EventRecord] = {}
+
+    def read(self, session: Session, event_id: str) -> EventRecord | None:
+        event = self._events.get(event_id)
+        if event is None:
+            event = session.get(EventRecord, event_id)
+            if event is None:
+                return None
+            if len(self._events) >= self._limit:
+                self._events.clear()
+            self._events[event_id] = event
+        return event
+
+
+_REQUEST = select(Request).where(Request.id == bindparam("request_id"))
 _VOTES = table_of(Vote)
 _VOTES_OF_REQUEST = (
     select(*(_VOTES.c[name] for name in VoteView._fields))
@@ -107,18 +130,24 @@ _VOTES_OF_REQUEST = (
 )
 
 
-def read_request(session: Session, request_id: str, *, jobs: bool = True) -> RequestView:
+def read_request(
+    session: Session, request_id: str, *, jobs: bool = True, events: EventCache | None = None
+) -> RequestView:
     """`get_request` for a synchronous unit of work (`storage.db.TransactionRunner`: one hop
     for all three queries); without `jobs` when only the request and its votes are needed
-    (a card, a thread reply)."""
-    row = session.execute(
-        select(Request, EventRecord)
-        .join(EventRecord, EventRecord.id == Request.event_id)
-        .where(Request.id == request_id)
-    ).one_or_none()
-    if row is None:
+    (a card, a thread reply); with `events` when the caller keeps the events it has read."""
+    if events is None:
+        row = session.execute(
+            select(Request, EventRecord)
+            .join(EventRecord, EventRecord.id == Request.event_id)
+            .where(Request.id == request_id)
+        ).one_or_none()
+        request, event = row if row is not None else (None, None)
+    else:
+        request = session.execute(_REQUEST, {"request_id": request_id}).scalar_one_or_none()
+        event = events.read(session, request.event_id) if request is not None else None
+    if request is None or event is None:
         raise NotFound(f"no request {request_id!r}")
-    request, event = row
     votes = [
         VoteView._make(row)
         for row in session.connection().execute(_VOTES_OF_REQUEST, {"request_id": request_id})

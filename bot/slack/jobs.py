@@ -25,7 +25,7 @@ from storage.db import TransactionRunner
 from storage.errors import NotFound
 from storage.models import OutboxJob, Request, RequestStatus
 from storage.outbox import ClaimedJob
-from storage.requests import RequestView, read_request
+from storage.requests import EventCache, RequestView, read_request
 from storage.votes import SlackJobs, reply_votes
 
 POST_CARD = "slack.post_card"
@@ -55,6 +55,7 @@ class SlackJobHandlers:
         # the database's write lock across all of them while the event loop was busy, so a
         # click's vote waited for a card update's read (half its time at one connection).
         self._runner = runner
+        self._events = EventCache()
         self._client = client
         self._directory = directory
         # Per request: [its lock, how many updates hold or wait for it].
@@ -90,7 +91,8 @@ class SlackJobHandlers:
         request_id = str(job.payload["request_id"])
         try:
             return await self._runner.run(
-                lambda session: read_request(session, request_id, jobs=False), background=True
+                lambda session: read_request(session, request_id, jobs=False, events=self._events),
+                background=True,
             )
         except NotFound:
             raise TerminalSyncError(f"request {request_id} no longer exists") from None

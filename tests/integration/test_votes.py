@@ -13,8 +13,10 @@ from connectors.events import Event
 from policies.model import Decision, DecisionKind, Route
 from storage import ledger
 from storage.db import TransactionRunner, create_engine
+from storage.errors import NotFound
 from storage.ledger import Intake
 from storage.models import AuditRecord, OutboxJob, Request, Vote
+from storage.requests import EventCache, read_request
 from storage.schema import upgrade
 from storage.votes import (
     REPLY_MAX_VOTES,
@@ -369,8 +371,15 @@ async def test_a_writer_sees_votes_another_replica_cast_since_its_last(
     try:
         assert not isinstance(await writer.cast(ballot(request_id, "U1", ["g"])), VoteRefused)
         await vote(other, ballot(request_id, "U2", ["g"]))
-        again = await writer.cast(ballot(request_id, "U2", ["g"]))
+        # Clicked together: one batch, its requests' tallies read together, this request's
+        # caught up from the writer's last and a new request's read whole.
+        fresh = await new_request(runner, route)
+        await vote(other, ballot(fresh, "U2", ["g"]))
+        again, first = await asyncio.gather(
+            writer.cast(ballot(request_id, "U2", ["g"])), writer.cast(ballot(fresh, "U1", ["g"]))
+        )
         assert isinstance(again, VoteRefused) and again.refusal is Refusal.already_voted
+        assert not isinstance(first, VoteRefused) and list(first.progress) == [("g", 2, 3)]
         last = await writer.cast(ballot(request_id, "U3", ["g"]))
         assert not isinstance(last, VoteRefused)
         assert last.status.value == "approved"
@@ -443,3 +452,25 @@ async def test_a_batch_locks_its_requests_in_id_order_whatever_the_ballots_order
     finally:
         runner.close()
         await engine.dispose()
+
+
+async def test_a_card_read_with_an_event_cache_reads_the_event_once_and_the_rest_anew(
+    runner: TransactionRunner,
+) -> None:
+    """The Slack jobs keep the events they read (an event never changes); the request and its
+    votes are read anew every time."""
+    request_id = await new_request(runner)
+    events = EventCache()
+
+    def read(request: str):
+        return runner.run(lambda session: read_request(session, request, jobs=False, events=events))
+
+    before = await read(request_id)
+    await vote(runner, ballot(request_id, "U1", ["leads"]))
+    after = await read(request_id)
+    assert after.event is before.event
+    assert [v.user_id for v in before.votes] == [] and [v.user_id for v in after.votes] == ["U1"]
+    plain = await runner.run(lambda session: read_request(session, request_id, jobs=False))
+    assert plain.event.body == after.event.body and plain.request.id == after.request.id
+    with pytest.raises(NotFound):
+        await read("r-missing")
