@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Select, and_, bindparam, or_, select, update
+from sqlalchemy import ColumnElement, Integer, Row, Select, and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
@@ -26,6 +26,7 @@ from connectors.redaction import redact_text
 from storage.audit import AuditEntry, append, append_sync
 from storage.errors import InvalidTransition, NotFound
 from storage.models import JobStatus, OutboxJob, Request, RequestStatus, new_id, table_of
+from storage.types import UTCDateTime
 
 # Long enough for a status line and a body snippet; an error is a hint, not a log archive.
 MAX_ERROR_CHARS = 2000
@@ -183,15 +184,20 @@ async def enqueue(
     return existing
 
 
-def _due(now: datetime, *, expired_leases: bool) -> ColumnElement[bool]:
-    """Pending and past its next attempt; or (`expired_leases`) running past its lease."""
+def _due(*, expired_leases: bool) -> ColumnElement[bool]:
+    """Pending and past its next attempt; or (`expired_leases`) running past its lease; as of
+    the statement's `now` parameter."""
+    now = bindparam("now", type_=UTCDateTime())
     if expired_leases:
         return and_(OutboxJob.status == JobStatus.running.value, OutboxJob.locked_until < now)
     return and_(OutboxJob.status == JobStatus.pending.value, OutboxJob.next_attempt_at <= now)
 
 
-def _is_due(now: datetime) -> ColumnElement[bool]:
-    return or_(_due(now, expired_leases=False), _due(now, expired_leases=True))
+# The worker's statements are built once, with parameters: building and caching a statement
+# cost the worker more than SQLite's running it, for every claim.
+_ANY_DUE = (
+    select(OutboxJob.id).where(or_(_due(expired_leases=False), _due(expired_leases=True))).limit(1)
+)
 
 
 def any_due(session: Session, *, now: datetime) -> bool:
@@ -204,10 +210,10 @@ def any_due(session: Session, *, now: datetime) -> bool:
     load eases. This look used to run on a connection of its own and yield by waiting for the
     write lock; but SQLite's busy handler sleeps 1 to 100 ms a try, and the database thread
     waited in it too whenever the look held the lock: the clicks' p99 was ~95 ms."""
-    return session.scalar(select(OutboxJob.id).where(_is_due(now)).limit(1)) is not None
+    return session.connection().execute(_ANY_DUE, {"now": now}).first() is not None
 
 
-def due_ids(now: datetime, *, expired_leases: bool, limit: int) -> Select[str]:
+def _due_ids(*, expired_leases: bool) -> Select[str]:
     """The ids of up to `limit` due jobs of one kind of due, oldest first.
 
     Each kind is its own query so that each walks `ix_outbox_jobs_due` from its oldest entry
@@ -219,14 +225,47 @@ def due_ids(now: datetime, *, expired_leases: bool, limit: int) -> Select[str]:
     # whatever the backlog.
     return (
         select(OutboxJob.id)
-        .where(_due(now, expired_leases=expired_leases))
+        .where(_due(expired_leases=expired_leases))
         .order_by(OutboxJob.next_attempt_at, OutboxJob.id)
-        .limit(limit)
+        .limit(bindparam("limit", type_=Integer))
         # PostgreSQL: rows another replica is claiming right now are skipped, not waited for,
         # and never handed out twice. SQLite renders no FOR UPDATE; its BEGIN IMMEDIATE
         # transaction (storage.db) already holds the database write lock for the whole claim.
         .with_for_update(skip_locked=True)
     )
+
+
+def due_ids(now: datetime, *, expired_leases: bool, limit: int) -> Select[str]:
+    """`_due_ids` with its parameters bound (to read its query plan)."""
+    return _due_ids(expired_leases=expired_leases).params(now=now, limit=limit)
+
+
+def _claim_statement(*, expired_leases: bool) -> Any:
+    # The Core table, not the entity: the ORM's DML path costs more than the claim itself.
+    jobs = table_of(OutboxJob)
+    return (
+        update(jobs)
+        .where(jobs.c.id.in_(_due_ids(expired_leases=expired_leases).scalar_subquery()))
+        .values(
+            status=JobStatus.running.value,
+            attempts=jobs.c.attempts + 1,
+            locked_until=bindparam("locked_until", type_=UTCDateTime()),
+            updated_at=bindparam("now", type_=UTCDateTime()),
+        )
+        .returning(
+            jobs.c.id,
+            jobs.c.kind,
+            jobs.c.request_id,
+            jobs.c.idempotency_key,
+            jobs.c.payload,
+            jobs.c.attempts,
+            jobs.c.next_attempt_at,
+        )
+    )
+
+
+# Expired leases first: their jobs were due before their last attempt even started.
+_CLAIMS = (_claim_statement(expired_leases=True), _claim_statement(expired_leases=False))
 
 
 def claim_sync(
@@ -236,35 +275,13 @@ def claim_sync(
     if limit <= 0:
         return []
     locked_until = now + lease
-    # The Core table, not the entity: the ORM's DML path costs more than the claim itself.
-    jobs = table_of(OutboxJob)
     rows: list[Row[Any]] = []
-    # Expired leases first: their jobs were due before their last attempt even started.
-    for expired_leases in (True, False):
+    for statement in _CLAIMS:
         wanted = limit - len(rows)
         if wanted <= 0:
             break
-        due = due_ids(now, expired_leases=expired_leases, limit=wanted)
-        statement = (
-            update(jobs)
-            .where(jobs.c.id.in_(due.scalar_subquery()))
-            .values(
-                status=JobStatus.running.value,
-                attempts=jobs.c.attempts + 1,
-                locked_until=locked_until,
-                updated_at=now,
-            )
-            .returning(
-                jobs.c.id,
-                jobs.c.kind,
-                jobs.c.request_id,
-                jobs.c.idempotency_key,
-                jobs.c.payload,
-                jobs.c.attempts,
-                jobs.c.next_attempt_at,
-            )
-        )
-        rows.extend(session.connection().execute(statement).all())
+        parameters = {"now": now, "limit": wanted, "locked_until": locked_until}
+        rows.extend(session.connection().execute(statement, parameters).all())
     # RETURNING has no order; hand jobs out oldest-due first as the claim chose them.
     rows = sorted(rows, key=lambda row: (row.next_attempt_at, row.id))
     return [
@@ -358,6 +375,34 @@ class Outcome:
         )
 
 
+_JOBS = table_of(OutboxJob)
+_HOLDING = (
+    select(_JOBS.c.id, _JOBS.c.attempts, _JOBS.c.locked_until)
+    .where(
+        _JOBS.c.id.in_(bindparam("ids", expanding=True)),
+        _JOBS.c.status == JobStatus.running.value,
+    )
+    .with_for_update()
+)
+# An outcome's UPDATE per set of columns it sets (a handful: done, retry, dead...).
+_OUTCOME_UPDATES: dict[tuple[str, ...], Any] = {}
+
+
+def _outcome_update(keys: tuple[str, ...]) -> Any:
+    statement = _OUTCOME_UPDATES.get(keys)
+    if statement is None:
+        statement = _OUTCOME_UPDATES[keys] = (
+            update(_JOBS)
+            .where(_JOBS.c.id == bindparam("b_id"))
+            .values(
+                {key: bindparam(f"v_{key}", type_=_JOBS.c[key].type) for key in keys}
+                | {"updated_at": bindparam("b_now", type_=UTCDateTime())}
+                | {"locked_until": None}
+            )
+        )
+    return statement
+
+
 def record_outcomes(session: Session, outcomes: Sequence[Outcome], *, now: datetime) -> list[bool]:
     """Write attempts' outcomes and their audit records in the caller's transaction.
 
@@ -370,19 +415,12 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome], *, now: datet
     """
     if not outcomes:
         return []
-    jobs = table_of(OutboxJob)  # Core, not the ORM's slower DML path
+    conn = session.connection()  # Core, not the ORM's slower paths
     # Which claims still hold, read under the rows' locks (SQLite: the transaction's write
     # lock; PostgreSQL: FOR UPDATE), so the updates below cannot race another claim.
     holding = {
         (row.id, row.attempts, row.locked_until)
-        for row in session.execute(
-            select(jobs.c.id, jobs.c.attempts, jobs.c.locked_until)
-            .where(
-                jobs.c.id.in_(list({outcome.job.id for outcome in outcomes})),
-                jobs.c.status == JobStatus.running.value,
-            )
-            .with_for_update()
-        )
+        for row in conn.execute(_HOLDING, {"ids": sorted({outcome.job.id for outcome in outcomes})})
     }
     applied: list[bool] = []
     # Updates of the same shape go in one executemany: a prepared statement run per row.
@@ -395,17 +433,11 @@ def record_outcomes(session: Session, outcomes: Sequence[Outcome], *, now: datet
         applied.append(ok)
         if ok:
             row = {f"v_{key}": value for key, value in outcome.values.items()}
-            updates.setdefault(tuple(sorted(outcome.values)), []).append(row | {"b_id": job.id})
-    for keys, rows in updates.items():
-        statement = (
-            update(jobs)
-            .where(jobs.c.id == bindparam("b_id"))
-            .values(
-                {key: bindparam(f"v_{key}", type_=jobs.c[key].type) for key in keys}
-                | {"updated_at": now, "locked_until": None}
+            updates.setdefault(tuple(sorted(outcome.values)), []).append(
+                row | {"b_id": job.id, "b_now": now}
             )
-        )
-        session.execute(statement, rows)
+    for keys, rows in updates.items():
+        conn.execute(_outcome_update(keys), rows)
     append_sync(
         session,
         [

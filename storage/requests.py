@@ -171,34 +171,40 @@ def read_decision(session: Session, request_id: str, *, idempotency_key: str) ->
     return decision
 
 
+# What a sync-back reads, built once (the outbox worker reads it for every batch of callbacks).
+_DECISIONS = (
+    select(
+        Request.id,
+        Request.subject,
+        Request.version,
+        Request.status,
+        Request.decided_by,
+        Request.reason,
+        Request.decided_at,
+        EventRecord.body,
+    )
+    .join(EventRecord, EventRecord.id == Request.event_id)
+    .where(Request.id.in_(bindparam("ids", expanding=True)))
+)
+_VOTERS = (
+    select(Vote.request_id, Vote.user_id, Vote.user_name, Vote.choice, Vote.reason, Vote.params)
+    .where(Vote.request_id.in_(bindparam("ids", expanding=True)))
+    .order_by(Vote.id)
+)
+
+
 def read_decisions(session: Session, keys: Mapping[str, str]) -> dict[str, FinalDecision]:
     """`read_decision` for several requests at once (request id -> idempotency key), in two
     queries whatever their number; requests that do not exist are left out."""
     if not keys:
         return {}
-    ids = list(keys)
-    rows = session.execute(
-        select(
-            Request.id,
-            Request.subject,
-            Request.version,
-            Request.status,
-            Request.decided_by,
-            Request.reason,
-            Request.decided_at,
-            EventRecord.body,
-        )
-        .join(EventRecord, EventRecord.id == Request.event_id)
-        .where(Request.id.in_(ids))
-    ).all()
+    ids = sorted(keys)
+    conn = session.connection()
+    rows = conn.execute(_DECISIONS, {"ids": ids}).all()
     if not rows:
         return {}
     votes: dict[str, list[Voter]] = defaultdict(list)
-    for v in session.execute(
-        select(Vote.request_id, Vote.user_id, Vote.user_name, Vote.choice, Vote.reason, Vote.params)
-        .where(Vote.request_id.in_(ids))
-        .order_by(Vote.id)
-    ):
+    for v in conn.execute(_VOTERS, {"ids": ids}):
         votes[v.request_id].append(
             Voter(
                 id=v.user_id,
