@@ -156,25 +156,54 @@ def _request_row(
     }
 
 
+# The intake's statements, built once and run on the session's connection: building them and
+# the ORM's handling of each cost more than SQLite's running them, for every batch.
+_EVENTS = table_of(EventRecord)
+_REQUESTS = table_of(Request)
+_KNOWN = select(_EVENTS.c.delivery_id).where(
+    _EVENTS.c.delivery_id.in_(bindparam("ids", expanding=True))
+)
+_ANSWERS = (
+    select(
+        _EVENTS.c.delivery_id,
+        _EVENTS.c.id,
+        _EVENTS.c.request_id,
+        _EVENTS.c.decision_kind,
+        _EVENTS.c.rule,
+        _REQUESTS.c.status,
+    )
+    .outerjoin(_REQUESTS, _REQUESTS.c.id == _EVENTS.c.request_id)
+    .where(_EVENTS.c.delivery_id.in_(bindparam("ids", expanding=True)))
+)
+_PENDING = select(
+    _REQUESTS.c.source, _REQUESTS.c.subject, _REQUESTS.c.id, _REQUESTS.c.version
+).where(
+    _REQUESTS.c.status == RequestStatus.pending.value,
+    tuple_(_REQUESTS.c.source, _REQUESTS.c.subject).in_(bindparam("subjects", expanding=True)),
+)
+# Core table, not the ORM entity: with a list of parameters the ORM would switch to its "bulk
+# UPDATE by primary key" mode, which ignores the status guard.
+_SUPERSEDE = (
+    update(_REQUESTS)
+    .where(_REQUESTS.c.id == bindparam("b_id"), _REQUESTS.c.status == RequestStatus.pending.value)
+    .values(
+        status=bindparam("b_status"),
+        superseded_by=bindparam("b_superseded_by"),
+        reason=bindparam("b_reason"),
+        decided_at=bindparam("b_decided_at"),
+    )
+)
+_INSERT_EVENTS = _EVENTS.insert()
+_INSERT_REQUESTS = _REQUESTS.insert()
+_INSERT_JOBS = table_of(OutboxJob).insert()
+
+
 def _existing_answers(session: Session, delivery_ids: Sequence[str]) -> dict[str, IntakeResult]:
     # Duplicates are rare: a lookup on the unique index first, the join only when one is found.
-    known = session.scalars(
-        select(EventRecord.delivery_id).where(EventRecord.delivery_id.in_(delivery_ids))
-    ).all()
+    conn = session.connection()
+    known = conn.execute(_KNOWN, {"ids": list(delivery_ids)}).scalars().all()
     if not known:
         return {}
-    rows = session.execute(
-        select(
-            EventRecord.delivery_id,
-            EventRecord.id,
-            EventRecord.request_id,
-            EventRecord.decision_kind,
-            EventRecord.rule,
-            Request.status,
-        )
-        .outerjoin(Request, Request.id == EventRecord.request_id)
-        .where(EventRecord.delivery_id.in_(known))
-    )
     return {
         row.delivery_id: IntakeResult(
             event_id=row.id,
@@ -184,7 +213,7 @@ def _existing_answers(session: Session, delivery_ids: Sequence[str]) -> dict[str
             rule=row.rule,
             duplicate=True,
         )
-        for row in rows
+        for row in conn.execute(_ANSWERS, {"ids": list(known)})
     }
 
 
@@ -194,12 +223,7 @@ def _pending_by_subject(
     """(source, subject) -> (request id, version) of the pending request, if any."""
     if not subjects:
         return {}
-    rows = session.execute(
-        select(Request.source, Request.subject, Request.id, Request.version).where(
-            Request.status == RequestStatus.pending.value,
-            tuple_(Request.source, Request.subject).in_(list(subjects)),
-        )
-    )
+    rows = session.connection().execute(_PENDING, {"subjects": sorted(subjects)})
     return {(r.source, r.subject): (r.id, r.version) for r in rows}
 
 
@@ -364,28 +388,16 @@ def write_batch(
             measured_result = results[index]
             assert isinstance(measured_result, IntakeResult)
             results[index] = dataclasses.replace(measured_result, learned=learned)
+    conn = session.connection()
     if superseded:
-        # Core table, not the ORM entity: with a list of parameters the ORM would switch to its
-        # "bulk UPDATE by primary key" mode, which ignores the status guard below.
-        table = table_of(Request)
-        session.execute(
-            update(table)
-            .where(table.c.id == bindparam("b_id"), table.c.status == RequestStatus.pending.value)
-            .values(
-                status=bindparam("b_status"),
-                superseded_by=bindparam("b_superseded_by"),
-                reason=bindparam("b_reason"),
-                decided_at=bindparam("b_decided_at"),
-            ),
-            # In id order, as every transaction locks requests (see storage.votes).
-            sorted(superseded, key=lambda row: row["b_id"]),
-        )
+        # In id order, as every transaction locks requests (see storage.votes).
+        conn.execute(_SUPERSEDE, sorted(superseded, key=lambda row: row["b_id"]))
     if events:
-        session.execute(table_of(EventRecord).insert(), events)
+        conn.execute(_INSERT_EVENTS, events)
     if requests:
-        session.execute(table_of(Request).insert(), requests)
+        conn.execute(_INSERT_REQUESTS, requests)
     if jobs:
-        session.execute(table_of(OutboxJob).insert(), jobs)
+        conn.execute(_INSERT_JOBS, jobs)
     audit.append_sync(session, entries)
     return results
 
