@@ -472,6 +472,37 @@ async def test_concurrency_is_bounded(sessions):
     assert peak == 3
 
 
+async def test_under_a_backlog_the_worker_claims_again_once_half_its_slots_are_free(sessions):
+    """A claim and its outcomes cost the database about as much whatever their size: refilled
+    as each job finished, claims under load were ~10 jobs. With a backlog, the worker waits
+    until half its slots are free and claims that many at once."""
+    gates: dict[str, asyncio.Event] = {}
+    started: list[str] = []
+
+    async def gated(*, job: ClaimedJob) -> None:
+        started.append(job.id)
+        await gates.setdefault(job.id, asyncio.Event()).wait()
+
+    async def settle() -> None:
+        await asyncio.sleep(0.3)  # many polls' worth (poll_interval 0.05)
+
+    ids = [await _enqueue(sessions, "u", f"k{i}") for i in range(10)]
+    async with running(sessions, {KIND: gated}, concurrency=4, batch=4):
+        await settle()
+        assert len(started) == 4
+        gates.setdefault(started[0], asyncio.Event()).set()
+        await settle()
+        assert len(started) == 4  # one slot free of four: not yet
+        gates.setdefault(started[1], asyncio.Event()).set()
+        await settle()
+        assert len(started) == 6  # two free: both refilled in one claim
+        for job_id in ids:
+            gates.setdefault(job_id, asyncio.Event()).set()
+        for job_id in ids:
+            await _until(sessions, job_id, JobStatus.done)
+    assert sorted(set(started)) == sorted(ids)
+
+
 async def test_wake_claims_without_waiting_for_the_poll(sessions, receiver, http):
     async with running(sessions, {KIND: CallbackHandler(http)}, poll_interval=60) as worker:
         await asyncio.sleep(0.1)  # the first, empty claim is done; the worker is waiting
