@@ -163,8 +163,10 @@ class OutboxWorker:
         self._backlog = False
         # Under a backlog, the slots freed to claim again: half of them. Refilled as each job
         # finished, claims averaged ~10 jobs under load, and a claim and its outcomes cost the
-        # database thread about as much per unit whatever its size.
+        # database thread about as much per unit whatever its size. A poll interval after the
+        # last claim, any free slot claims (slow jobs hold the rest; new ones must not wait).
         self._refill_at = max(1, concurrency // 2)
+        self._last_claim = float("-inf")  # event-loop time
 
     def wake(self) -> None:
         """Claim now instead of at the next poll (a job was just enqueued and committed)."""
@@ -185,8 +187,9 @@ class OutboxWorker:
                 # return at once instead of being lost.
                 self._wake.clear()
                 capacity = self._concurrency - len(self._inflight)
-                if capacity > 0 and (not self._backlog or capacity >= self._refill_at):
+                if capacity > 0 and self._may_claim(capacity):
                     wanted = min(self._batch, capacity)
+                    self._last_claim = asyncio.get_running_loop().time()
                     jobs = await self._claim(wanted)
                     self._backlog = len(jobs) == wanted
                     for job in jobs:
@@ -201,6 +204,11 @@ class OutboxWorker:
             raise
         finally:
             self._loop_done.set()
+
+    def _may_claim(self, capacity: int) -> bool:
+        if not self._backlog or capacity >= self._refill_at:
+            return True
+        return asyncio.get_running_loop().time() - self._last_claim >= self._poll_interval
 
     async def stop(self, grace: float) -> None:
         """Stop claiming; give in-flight jobs `grace` seconds, then cancel the rest.

@@ -484,10 +484,10 @@ async def test_under_a_backlog_the_worker_claims_again_once_half_its_slots_are_f
         await gates.setdefault(job.id, asyncio.Event()).wait()
 
     async def settle() -> None:
-        await asyncio.sleep(0.3)  # many polls' worth (poll_interval 0.05)
+        await asyncio.sleep(0.3)
 
     ids = [await _enqueue(sessions, "u", f"k{i}") for i in range(10)]
-    async with running(sessions, {KIND: gated}, concurrency=4, batch=4):
+    async with running(sessions, {KIND: gated}, concurrency=4, batch=4, poll_interval=60):
         await settle()
         assert len(started) == 4
         gates.setdefault(started[0], asyncio.Event()).set()
@@ -501,6 +501,29 @@ async def test_under_a_backlog_the_worker_claims_again_once_half_its_slots_are_f
         for job_id in ids:
             await _until(sessions, job_id, JobStatus.done)
     assert sorted(set(started)) == sorted(ids)
+
+
+async def test_under_a_backlog_a_lone_free_slot_still_claims_within_a_poll_interval(sessions):
+    """Slow jobs may hold half the slots for long: a job that becomes due meanwhile waits at
+    most a poll interval for a free slot."""
+    gates: dict[str, asyncio.Event] = {}
+    started: list[str] = []
+
+    async def gated(*, job: ClaimedJob) -> None:
+        started.append(job.id)
+        await gates.setdefault(job.id, asyncio.Event()).wait()
+
+    ids = [await _enqueue(sessions, "u", f"k{i}") for i in range(5)]
+    async with running(sessions, {KIND: gated}, concurrency=4, batch=4, poll_interval=0.2):
+        await asyncio.sleep(0.1)
+        assert len(started) == 4
+        gates.setdefault(started[0], asyncio.Event()).set()
+        await asyncio.sleep(0.5)
+        assert len(started) == 5  # one slot of four, claimed by the poll
+        for job_id in ids:
+            gates.setdefault(job_id, asyncio.Event()).set()
+        for job_id in ids:
+            await _until(sessions, job_id, JobStatus.done)
 
 
 async def test_wake_claims_without_waiting_for_the_poll(sessions, receiver, http):
