@@ -263,7 +263,7 @@ def _slack(
         ttl=settings.slack_group_ttl,
         actor_map=load_user_map(settings.slack_user_map) if settings.slack_user_map else None,
     )
-    cards = slack_jobs.SlackJobHandlers(sessions, client, directory, runner)
+    cards = slack_jobs.SlackJobHandlers(client, directory, runner)
     handlers.update(cards.handlers())
     handlers.update(notices.NoticeHandlers(sessions, client, directory, cards, clock).handlers())
     clicks = ClickService(

@@ -48,6 +48,7 @@ class SyncBack:
                     session, request_id, idempotency_key=job.idempotency_key
                 ),
                 background=True,
+                read_only=True,
             )
         except NotFound:
             raise TerminalSyncError(f"request {request_id} no longer exists") from None

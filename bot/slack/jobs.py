@@ -15,7 +15,6 @@ from slack_sdk.errors import SlackObjectFormationError
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.slack.cards import build_card, outcome_dm, vote_reply_text
 from bot.slack.client import SlackFailure, classify
@@ -43,17 +42,13 @@ log = logging.getLogger(__name__)
 
 class SlackJobHandlers:
     def __init__(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        client: AsyncWebClient,
-        directory: Directory,
-        runner: TransactionRunner,
+        self, client: AsyncWebClient, directory: Directory, runner: TransactionRunner
     ) -> None:
-        self._sessions = sessions
-        # Reads go through the runner: one hop for the request and its votes. Through the async
-        # sessions each query was a hop of its own, and on SQLite the read's transaction held
-        # the database's write lock across all of them while the event loop was busy, so a
-        # click's vote waited for a card update's read (half its time at one connection).
+        # Reads and writes go through the runner: one hop for the request and its votes.
+        # Through the async sessions each query was a hop of its own, and on SQLite the read's
+        # transaction held the database's write lock across all of them while the event loop
+        # was busy, so a click's vote waited for a card update's read (half its time at one
+        # connection). Reads are `read_only` units: they take no write lock at all.
         self._runner = runner
         self._events = EventCache()
         self._client = client
@@ -93,6 +88,7 @@ class SlackJobHandlers:
             return await self._runner.run(
                 lambda session: read_request(session, request_id, jobs=False, events=self._events),
                 background=True,
+                read_only=True,
             )
         except NotFound:
             raise TerminalSyncError(f"request {request_id} no longer exists") from None
@@ -132,14 +128,17 @@ class SlackJobHandlers:
         if this write were lost (the database restarting, failing over), the job's retry
         would post the card again. So a database that is away is waited for while the job's
         claim lasts, as the worker does for outcomes."""
+        remember = (
+            update(Request)
+            .where(Request.id == request_id, Request.card_ts.is_(None))
+            .values(card_channel=channel, card_ts=ts)
+        )
         while True:
             try:
-                async with self._sessions.begin() as session:
-                    await session.execute(
-                        update(Request)
-                        .where(Request.id == request_id, Request.card_ts.is_(None))
-                        .values(card_channel=channel, card_ts=ts)
-                    )
+                # Through the runner, as every other write of the outbox's: on SQLite one hop
+                # on the database thread, under its WriterLock, instead of holding SQLite's
+                # write lock across event-loop hops where the other process's writes sleep.
+                await self._runner.run(lambda session: session.execute(remember), background=True)
                 return
             except (SQLAlchemyError, OSError):
                 if datetime.now(UTC) + STORE_RETRY >= job.locked_until:
@@ -156,6 +155,7 @@ class SlackJobHandlers:
                 select(OutboxJob.status).where(OutboxJob.idempotency_key == f"card-{request.id}")
             ),
             background=True,
+            read_only=True,
         )
         if post is None:
             raise TerminalSyncError(f"request {request.id} has no card to update")

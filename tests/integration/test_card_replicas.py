@@ -17,7 +17,7 @@ from bot.slack.standin import DEFAULT_TOKEN, SlackStandIn
 from connectors.events import Event
 from policies.model import Decision, DecisionKind, Route
 from storage import ledger
-from storage.db import TransactionRunner, create_engine, sessionmaker
+from storage.db import TransactionRunner, create_engine
 from storage.ledger import Intake
 from storage.outbox import ClaimedJob
 from storage.schema import upgrade
@@ -70,7 +70,7 @@ async def test_an_older_render_reaching_slack_last_is_corrected(postgres_url: st
     async with SlackStandIn(channels={"C1"}) as standin:
         client = make_client(token=DEFAULT_TOKEN, base_url=standin.url)
         a, b = (
-            slack_jobs.SlackJobHandlers(sessionmaker(engine), client, Directory(client), runner)
+            slack_jobs.SlackJobHandlers(client, Directory(client), runner)
             for engine, runner in zip(engines, runners, strict=True)
         )
         try:
