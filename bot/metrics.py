@@ -12,10 +12,14 @@ the policy, reasons and outcomes from our own enums; ids and user text never bec
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -117,6 +121,12 @@ class Metrics:
             ["kind", "outcome"],
             registry=r,
         )
+        self.worker_processes = Gauge(
+            "signoff_worker_processes",
+            "Outbox worker processes running beside this HTTP process "
+            "(SIGNOFF_WORKER_PROCESSES; 0 when the worker runs inside it).",
+            registry=r,
+        )
         self.slack_errors = Counter(
             "signoff_slack_api_errors",
             "Failed Slack Web API calls by method and error code (HTTP or connection failures "
@@ -140,5 +150,45 @@ class Metrics:
         known = code in SLACK_CODES or code == "connection" or _HTTP_CODE.fullmatch(code)
         self.slack_errors.labels(method, code if known else "other").inc()
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, workers: Sequence[bytes] = ()) -> bytes:
+        """This process's metrics; with `workers` (the expositions its worker processes sent,
+        `bot.processes`), one exposition of them all (`merged`)."""
+        own = generate_latest(self.registry)
+        return merged(own, workers) if workers else own
+
+
+def merged(own: bytes, others: Sequence[bytes]) -> bytes:
+    """Several processes' expositions as one: a series in more than one is summed (counters,
+    histogram buckets and sums, and gauges, which here are per-process figures or only set in
+    the HTTP process), except `_created` timestamps, where the earliest stands. Prometheus then
+    sees one target, as it would a single process."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in (own, *others):
+        for family in text_string_to_metric_families(text.decode("utf-8")):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            series = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in series:
+                    series[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    series[key] = min(series[key], sample.value)
+                else:
+                    series[key] += sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
