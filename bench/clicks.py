@@ -173,7 +173,8 @@ class Figures:
     acked: int = 0
     errors: int = 0
     exhausted: bool = False
-    cpu: float = 0.0  # the server's CPU seconds during the run
+    cpu: float = 0.0  # the server's CPU seconds during the run (its worker processes' too)
+    http_cpu: float = 0.0  # of which its HTTP process's
     latencies: list[float] = field(default_factory=list, repr=False)
 
 
@@ -260,11 +261,13 @@ async def measure(
         spy = start_profile(pid, out, args.seconds)
         bodies = bodies_for[connections]
         before = cpu_seconds(pid)
+        http_before = cpu_seconds(pid, workers=False)
         if args.engine == "wrk":
             figures = await wrk_load(url, bodies, args.seconds, connections, repeats)
         else:
             figures = await load(url, bodies, seconds=args.seconds, connections=connections)
         figures.cpu = cpu_seconds(pid) - before
+        figures.http_cpu = cpu_seconds(pid, workers=False) - http_before
         results.append(figures)
         if spy is not None:
             spy.wait(timeout=60)
@@ -508,7 +511,9 @@ async def main() -> None:
             f"connection (target < {TARGET_P50_MS:g} ms; minimal Bolt {bolt[0].p50:.2f} ms)"
         )
         cpu = ", ".join(
-            f"{1000 * f.cpu / max(f.sent, 1):.2f} ms at {f.connections}" for f in (one, many)
+            f"{1000 * f.cpu / max(f.sent, 1):.2f} ms at {f.connections} (HTTP process "
+            f"{1000 * f.http_cpu / max(f.sent, 1):.2f})"
+            for f in (one, many)
         )
         print(f"{'':<4}serve CPU per click (its side effects included): {cpu}")
         rate = (check.backlog - check.backlog_left) / max(check.backlog_after, 1e-9)

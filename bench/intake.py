@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import wrk  # noqa: E402
-from tests.support import SECRET, event_body, free_port, sign  # noqa: E402
+from tests.support import SECRET, children, event_body, free_port, sign  # noqa: E402
 
 POLICY = """
 rules:
@@ -124,9 +124,17 @@ def wrk_load(
     return wrk.replay(f"{base}/v1/events", records, seconds=seconds, connections=connections)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, *, workers: bool = True) -> float:
+    """User + system CPU time the process has used so far, with that of its children (serve's
+    outbox worker processes) unless `workers` is False (Linux /proc)."""
+    return sum(_own_cpu(p) for p in (pid, *(children(pid) if workers else ())))
+
+
+def _own_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0  # exited meanwhile
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -298,6 +306,7 @@ async def run_signoff(database_url: str, args: argparse.Namespace, callback: str
             await counter.drained(warmup["n"] - warmup["errors"], timeout=120)
             await counter.mark()
             cpu_before = cpu_seconds(process.pid)
+            http_before = cpu_seconds(process.pid, workers=False)
             profiler = profile(process.pid, args)
             figures = await run_load(base, args, callback, seconds=args.seconds)
             accepted = figures["n"] - figures["errors"]
@@ -315,6 +324,8 @@ async def run_signoff(database_url: str, args: argparse.Namespace, callback: str
                 profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
                 profiler.wait()
             figures["cpu_ms"] = (cpu_seconds(process.pid) - cpu_before) * 1000 / figures["n"]
+            http_cpu = cpu_seconds(process.pid, workers=False) - http_before
+            figures["http_cpu_ms"] = http_cpu * 1000 / figures["n"]
             return figures
         finally:
             process.terminate()
@@ -387,6 +398,8 @@ async def measure(args: argparse.Namespace, callback: str | None) -> None:
             f"throughput, {figures['p50'] / baseline['p50']:.1f}x p50 latency; "
             f"serve CPU {figures['cpu_ms']:.2f} ms/event"
             + (", its callback included" if callback else "")
+            + f" (HTTP process {figures['http_cpu_ms']:.2f}, worker processes "
+            f"{figures['cpu_ms'] - figures['http_cpu_ms']:.2f})"
         )
         if callback:
             print(

@@ -36,21 +36,36 @@ async def _with_db(work: Callable[[Any], Awaitable[int]]) -> int:
         await engine.dispose()
 
 
-def cmd_serve(_args: argparse.Namespace) -> int:
+def _long_running(args: argparse.Namespace) -> Any:
+    """Settings, with logging configured once, before anything logs: every line from here on
+    is in the chosen format, with the configured secrets masked (bot.logs)."""
     from bot.logs import configure
-    from bot.service import serve
 
     settings = _settings()
-    # Once, before anything logs: every line from here on is in the chosen format, with the
-    # configured secrets masked (bot.logs).
     configure(
         level=settings.log_level,
         fmt=settings.log_format,
         secrets=settings.secret_values(),
         stream=sys.stderr,
     )
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bot.serve import serve
+
+    settings = _long_running(args)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve(settings))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from bot.serve import work
+
+    settings = _long_running(args)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(work(settings, control_fd=args.control_fd, parent_pid=args.parent_pid))
     return 0
 
 
@@ -168,9 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the service (HTTP, outbox worker)").set_defaults(
-        func=cmd_serve
+    sub.add_parser(
+        "serve", help="run the service (HTTP, scheduler, outbox worker processes)"
+    ).set_defaults(func=cmd_serve)
+    worker = sub.add_parser(
+        "worker", help="run an outbox worker alone (PostgreSQL: more delivery capacity)"
     )
+    # Given by `serve` to the worker processes it starts (bot.processes), not by people.
+    worker.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
     demo = sub.add_parser("demo", help="the whole flow on this machine, no accounts needed")
     demo.add_argument("--keep", action="store_true", help="keep serving after the demo")
     demo.set_defaults(func=cmd_demo)

@@ -263,7 +263,7 @@ async def metrics(request: web.Request) -> web.Response:
             "metrics: could not count pending requests: %s",
             redact_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
         )
-    return web.Response(body=services.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=services.metrics_exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
 @functools.cache

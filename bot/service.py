@@ -1,17 +1,17 @@
-"""The running service: what `signoff serve` starts, in order, and stops, in reverse."""
+"""The running service: what `signoff serve` starts, in order, and stops, in reverse
+(`Services`), and what each of its outbox worker processes runs (`WorkerServices`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import httpx
-from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bot.clock import Clock, SystemClock
 from bot.connectors import build_connectors
 from bot.metrics import Metrics
+from bot.processes import WorkerProcesses
 from bot.schedule import cron_trigger
 from bot.scheduler import DigestPlan, Scheduler
 from bot.settings import Settings
@@ -26,7 +27,7 @@ from bot.slack import jobs as slack_jobs
 from bot.slack import notices
 from bot.slack.app import SlackBot
 from bot.slack.clicks import ClickService
-from bot.slack.client import make_client
+from bot.slack.client import close_client, make_client
 from bot.slack.commands import Commands
 from bot.slack.directory import Directory, load_user_map
 from bot.sync import SyncBack
@@ -67,14 +68,31 @@ class Services:
     batcher: WriteBatcher
     runner: TransactionRunner
     watch: StatusWatch
-    worker: OutboxWorker
     http: httpx.AsyncClient
     scheduler: Scheduler
     metrics: Metrics
+    # The outbox worker, when it runs in this process; with `workers`, processes of its own
+    # run it (bot.processes) and this is None.
+    worker: OutboxWorker | None = None
+    workers: WorkerProcesses | None = None
     slack: SlackBot | None = None
     socket_mode: AsyncSocketModeHandler | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _worker_task: asyncio.Task[None] | None = None
+
+    def wake_outbox(self) -> None:
+        """Jobs were just committed: the worker claims now instead of at its next poll."""
+        if self.worker is not None:
+            self.worker.wake()
+        if self.workers is not None:
+            self.workers.wake()
+
+    def metrics_exposition(self) -> bytes:
+        """This process's metrics, with its worker processes' merged in."""
+        if self.workers is not None:
+            self.metrics.worker_processes.set(self.workers.running)
+            return self.metrics.exposition(self.workers.expositions())
+        return self.metrics.exposition()
 
     @property
     def webhook(self) -> WebhookConnector:
@@ -113,9 +131,17 @@ class Services:
         return Cancel(cancellation, card_update_kind=slack_jobs.UPDATE_CARD if self.slack else None)
 
     @classmethod
-    async def start(cls, settings: Settings, *, clock: Clock | None = None) -> Services:
+    async def start(
+        cls,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        workers: WorkerProcesses | None = None,
+    ) -> Services:
         """Everything up and running. `clock` drives scheduled work (a test's ManualClock);
-        with one given, the scheduler does not tick by itself: the test calls `tick()`."""
+        with one given, the scheduler does not tick by itself: the test calls `tick()`.
+        `workers`: worker processes run the outbox (`serve` starts them once this returns),
+        so none runs in this process."""
         settings.require("webhook_secret", purpose="the /v1/events intake")
         settings.require("policy_path", purpose="deciding events")
         assert settings.webhook_secret is not None and settings.policy_path is not None
@@ -125,45 +151,28 @@ class Services:
         # The connectors too: a GitHub App key that cannot be read is a settings error.
         http = outbound_client(timeout=settings.callback_timeout)
         connectors = build_connectors(settings, http)
-        engine = create_engine(settings.database_url)
-        try:
-            await ensure_schema(engine)
-        except (OperationalError, DBAPIError, OSError) as exc:
-            await engine.dispose()
-            await http.aclose()
-            where = make_url(settings.database_url).render_as_string(hide_password=True)
-            reason = redact_text(str(getattr(exc, "orig", exc)).splitlines()[0])
-            raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
+        engine = await _open_database(settings, http)
         sessions = sessionmaker(engine)
         metrics = Metrics()
         baselines = Baselines(sessions)
         watch = StatusWatch()
         runner = TransactionRunner(engine)
-        handlers: dict[str, Handler] = {
-            connector.sync_kind: SyncBack(runner, connector)
-            for connector in connectors.values()
-            if connector.sync_kind is not None
-        }
-        slack = None
         the_clock = clock or SystemClock()
-        if settings.slack_bot_token is not None:
-            slack = _slack(
-                settings, sessions, runner, handlers, lambda rid: changed(rid), the_clock, metrics
+        slack_parts = _slack_parts(settings, metrics) if settings.slack_bot_token else None
+        worker = None
+        if workers is None:
+            worker = outbox_worker(
+                settings,
+                runner,
+                sessions,
+                outbox_handlers(runner, sessions, connectors, slack_parts, the_clock),
+                metrics,
             )
-        worker = OutboxWorker(
-            sessions,
-            handlers,
-            max_attempts=settings.outbox_max_attempts,
-            backoff_base=settings.outbox_backoff_base,
-            backoff_max=settings.outbox_backoff_max,
-            lease=timedelta(seconds=max(60.0, settings.callback_timeout * 3)),
-            runner=runner,
-            metrics=metrics,
-        )
+        services: Services
 
         def changed(request_id: str) -> None:
             watch.notify([request_id])
-            worker.wake()
+            services.wake_outbox()
 
         def committed(results: Sequence[IntakeResult | CancelResult]) -> None:
             watch.notify([result.request_id for result in results])
@@ -175,14 +184,17 @@ class Services:
                     if result.status is not None and RequestStatus(result.status).is_final:
                         metrics.decided("policy", timedelta(0))
             if any(result.queued_jobs for result in results):
-                worker.wake()
+                services.wake_outbox()
 
+        slack = None
+        if slack_parts is not None:
+            slack = _slack_bot(settings, sessions, runner, slack_parts, changed, metrics)
         batcher = WriteBatcher(runner, on_commit=committed)
         batcher.start()
 
         def queued(request_ids: Sequence[str]) -> None:
             watch.notify(list(request_ids))
-            worker.wake()
+            services.wake_outbox()
 
         scheduler = Scheduler(
             runner,
@@ -204,10 +216,11 @@ class Services:
             batcher=batcher,
             runner=runner,
             watch=watch,
-            worker=worker,
             http=http,
             scheduler=scheduler,
             metrics=metrics,
+            worker=worker,
+            workers=workers,
             slack=slack,
         )
         if slack is not None and settings.slack_app_token is not None:
@@ -215,7 +228,8 @@ class Services:
                 slack.app, settings.slack_app_token.get_secret_value()
             )
             await services.socket_mode.connect_async()  # type: ignore[no-untyped-call]
-        services._worker_task = asyncio.create_task(worker.run(), name="signoff-outbox-worker")
+        if worker is not None:
+            services._worker_task = asyncio.create_task(worker.run(), name="signoff-outbox-worker")
         if clock is None:
             scheduler.start()
         return services
@@ -229,7 +243,8 @@ class Services:
         if self.slack is not None:
             await self.slack.close(self.settings.shutdown_grace)
         await self.batcher.stop()
-        await self.worker.stop(self.settings.shutdown_grace)
+        if self.worker is not None:
+            await self.worker.stop(self.settings.shutdown_grace)
         if self._worker_task is not None:
             await self._worker_task
         if self.slack is not None:
@@ -241,18 +256,31 @@ class Services:
         await self.engine.dispose()
 
 
-def _slack(
-    settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
-    runner: TransactionRunner,
-    handlers: dict[str, Handler],
-    changed: Callable[[str], None],
-    clock: Clock,
-    metrics: Metrics,
-) -> SlackBot:
-    """The Slack side: client, directory, the outbox handlers that talk to Slack, the Bolt app."""
+async def _open_database(settings: Settings, http: httpx.AsyncClient) -> AsyncEngine:
+    """The engine, with the schema brought up to date; one clear line if the database is away."""
+    engine = create_engine(settings.database_url)
+    try:
+        await ensure_schema(engine)
+    except (OperationalError, DBAPIError, OSError) as exc:
+        await engine.dispose()
+        await http.aclose()
+        where = make_url(settings.database_url).render_as_string(hide_password=True)
+        reason = redact_text(str(getattr(exc, "orig", exc)).splitlines()[0])
+        raise DatabaseUnavailable(f"cannot use the database {where}: {reason}") from None
+    return engine
+
+
+@dataclass(frozen=True)
+class SlackParts:
+    """What both sides of Slack share: the Web API client and who is who."""
+
+    client: AsyncWebClient
+    directory: Directory
+
+
+def _slack_parts(settings: Settings, metrics: Metrics) -> SlackParts:
     settings.require("slack_signing_secret", purpose="verifying requests from Slack")
-    assert settings.slack_bot_token is not None and settings.slack_signing_secret is not None
+    assert settings.slack_bot_token is not None
     client = make_client(
         token=settings.slack_bot_token.get_secret_value(),
         base_url=settings.slack_api_url,
@@ -263,31 +291,118 @@ def _slack(
         ttl=settings.slack_group_ttl,
         actor_map=load_user_map(settings.slack_user_map) if settings.slack_user_map else None,
     )
-    cards = slack_jobs.SlackJobHandlers(client, directory, runner)
-    handlers.update(cards.handlers())
-    handlers.update(notices.NoticeHandlers(sessions, client, directory, cards, clock).handlers())
+    return SlackParts(client, directory)
+
+
+def outbox_handlers(
+    runner: TransactionRunner,
+    sessions: async_sessionmaker[AsyncSession],
+    connectors: dict[str, Connector],
+    slack: SlackParts | None,
+    clock: Clock,
+) -> dict[str, Handler]:
+    """What the outbox worker runs, by job kind: each connector's sync-back and, with Slack,
+    everything Signoff says there (cards, replies, DMs, notices, digests)."""
+    handlers: dict[str, Handler] = {
+        connector.sync_kind: SyncBack(runner, connector)
+        for connector in connectors.values()
+        if connector.sync_kind is not None
+    }
+    if slack is not None:
+        cards = slack_jobs.SlackJobHandlers(slack.client, slack.directory, runner)
+        handlers.update(cards.handlers())
+        handlers.update(
+            notices.NoticeHandlers(sessions, slack.client, slack.directory, cards, clock).handlers()
+        )
+    return handlers
+
+
+def outbox_worker(
+    settings: Settings,
+    runner: TransactionRunner,
+    sessions: async_sessionmaker[AsyncSession],
+    handlers: dict[str, Handler],
+    metrics: Metrics,
+) -> OutboxWorker:
+    return OutboxWorker(
+        sessions,
+        handlers,
+        max_attempts=settings.outbox_max_attempts,
+        backoff_base=settings.outbox_backoff_base,
+        backoff_max=settings.outbox_backoff_max,
+        lease=timedelta(seconds=max(60.0, settings.callback_timeout * 3)),
+        runner=runner,
+        metrics=metrics,
+    )
+
+
+def _slack_bot(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    runner: TransactionRunner,
+    slack: SlackParts,
+    changed: Callable[[str], None],
+    metrics: Metrics,
+) -> SlackBot:
+    """The Bolt app and what its listeners call: clicks and `/signoff`."""
+    assert settings.slack_signing_secret is not None
     clicks = ClickService(
         sessions=sessions,
         runner=runner,
-        directory=directory,
+        directory=slack.directory,
         jobs=slack_jobs.JOBS,
         on_change=changed,
         metrics=metrics,
     )
     commands = Commands(
         sessions=sessions,
-        directory=directory,
+        directory=slack.directory,
         operators=settings.operator_ids,
         card_kind=slack_jobs.POST_CARD,
         on_change=changed,
     )
     return SlackBot(
-        client=client,
+        client=slack.client,
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         sessions=sessions,
         clicks=clicks,
         commands=commands,
     )
+
+
+@dataclass
+class WorkerServices:
+    """What a worker process runs (`signoff worker`): the outbox worker and its handlers."""
+
+    settings: Settings
+    engine: AsyncEngine
+    runner: TransactionRunner
+    http: httpx.AsyncClient
+    metrics: Metrics
+    worker: OutboxWorker
+    slack: SlackParts | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings) -> WorkerServices:
+        settings.require("webhook_secret", purpose="signing callbacks")
+        http = outbound_client(timeout=settings.callback_timeout)
+        connectors = build_connectors(settings, http)
+        engine = await _open_database(settings, http)
+        metrics = Metrics()
+        runner = TransactionRunner(engine)
+        sessions = sessionmaker(engine)
+        slack = _slack_parts(settings, metrics) if settings.slack_bot_token else None
+        handlers = outbox_handlers(runner, sessions, connectors, slack, SystemClock())
+        worker = outbox_worker(settings, runner, sessions, handlers, metrics)
+        return cls(settings, engine, runner, http, metrics, worker, slack)
+
+    async def close(self) -> None:
+        """After the worker has stopped: its handlers call out through these."""
+        if self.slack is not None:
+            await close_client(self.slack.client)
+        self.runner.close()
+        await self.http.aclose()
+        await self.engine.dispose()
 
 
 def _digest_plan(settings: Settings, policy: Policy) -> DigestPlan | None:
@@ -301,31 +416,3 @@ def _digest_plan(settings: Settings, policy: Policy) -> DigestPlan | None:
         catch_up=timedelta(seconds=settings.digest_catchup),
         kind=notices.DIGEST,
     )
-
-
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    from bot.http import build_app  # the HTTP layer sits on top of Services
-
-    services = await Services.start(settings)
-    app = build_app(services)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    bound = runner.addresses[0] if runner.addresses else (settings.host, settings.port)
-    log.info("signoff listening on http://%s:%s", bound[0], bound[1])
-    print(f"signoff listening on http://{bound[0]}:{bound[1]}", flush=True)
-    if ready is not None:
-        ready.set()
-    await stop.wait()
-    log.info("shutting down: finishing in-flight requests and jobs")
-    services.stopping.set()
-    # Stops listening, then waits (up to the grace period) for in-flight requests to finish.
-    await runner.cleanup()
-    await services.close()
-    log.info("stopped")

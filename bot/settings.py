@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.schedule import cron_trigger
@@ -68,6 +75,11 @@ class Settings(BaseSettings):
     shutdown_grace: Annotated[float, Field(ge=0, le=600)] = Field(
         30.0, validation_alias=_env("SIGNOFF_SHUTDOWN_GRACE")
     )
+    # Outbox worker processes `serve` runs beside its HTTP process (0: the worker runs inside
+    # it). Side effects then never take the interpreter that answers requests.
+    worker_processes: Annotated[int, Field(ge=0, le=16)] = Field(
+        1, validation_alias=_env("SIGNOFF_WORKER_PROCESSES")
+    )
     log_level: str = Field("INFO", validation_alias=_env("SIGNOFF_LOG_LEVEL"))
     # json: one object per line, for a log pipeline; text: for a person at a terminal.
     log_format: Literal["json", "text"] = Field("json", validation_alias=_env("SIGNOFF_LOG_FORMAT"))
@@ -117,6 +129,15 @@ class Settings(BaseSettings):
     def _known_database(cls, value: str) -> str:
         if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("worker_processes")
+    @classmethod
+    def _one_sqlite_worker(cls, value: int, info: ValidationInfo) -> int:
+        # Cards are updated in order by one process; on SQLite one writes at a time anyway.
+        url = str(info.data.get("database_url", ""))
+        if value > 1 and url.startswith("sqlite"):
+            raise ValueError("must be 0 or 1 on SQLite (one writer at a time); use PostgreSQL")
         return value
 
     @field_validator("webhook_secret")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import POLICY, SECRET, free_port, run_signoff
+from tests.support import POLICY, SECRET, children, free_port, run_signoff
 
 API_TOKEN = "e2e-api-token-0123456789"
 
@@ -54,6 +55,15 @@ class Serve:
                 await asyncio.sleep(0.1)
         raise AssertionError(f"signoff serve did not become ready:\n{self.log.read_text()}")
 
+    def crash(self) -> int:
+        """`kill -9` of the whole service: its outbox worker processes, then itself (killed
+        alone, `serve` would leave its workers to stop gracefully, bot.processes)."""
+        assert self.process is not None
+        for worker in children(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+        return self.stop(signal.SIGKILL)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.process is not None
         if self.process.poll() is None:
@@ -90,4 +100,4 @@ async def serve(serve_env: dict[str, str], tmp_path: Path) -> AsyncIterator[Serv
         yield server
     finally:
         if server.process is not None:
-            server.stop(signal.SIGKILL)
+            server.crash()

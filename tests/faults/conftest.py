@@ -16,7 +16,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -94,7 +93,7 @@ async def serving(env: dict[str, str], log: Path, count: int = 1) -> AsyncIterat
     finally:
         for replica in replicas:
             if replica.process is not None:
-                replica.stop(signal.SIGKILL)
+                replica.crash()
 
 
 @contextlib.asynccontextmanager

@@ -125,7 +125,7 @@ async def test_kill_9_between_vote_and_sync_back_then_one_delivery(tmp_path: Pat
                     return unfinished == 0
 
                 await wait_until(slack_done, what="card updates and thread replies")
-                assert serve.stop(signal.SIGKILL) == -signal.SIGKILL
+                assert serve.crash() == -signal.SIGKILL
                 holding.release.set()
                 assert (await job_state(db_url, f"sync-{held_id}"))[0] == "running"
                 assert holding.deliveries == [] and down.deliveries == []
