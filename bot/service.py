@@ -389,7 +389,8 @@ class WorkerServices:
         connectors = build_connectors(settings, http)
         engine = await _open_database(settings, http)
         metrics = Metrics()
-        runner = TransactionRunner(engine)
+        # Inline: this process answers no requests (storage.db.TransactionRunner).
+        runner = TransactionRunner(engine, inline=True)
         sessions = sessionmaker(engine)
         slack = _slack_parts(settings, metrics) if settings.slack_bot_token else None
         handlers = outbox_handlers(runner, sessions, connectors, slack, SystemClock())

@@ -185,7 +185,12 @@ class TransactionRunner:
     so a unit must change nothing outside its session until it has returned.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, inline: bool = False) -> None:
+        """`inline`: on SQLite, run units on the calling thread (the event loop) rather than
+        a database thread. For a process whose loop answers no requests (an outbox worker
+        process): a unit on a thread of its own holds the `WriterLock` while it waits for
+        the interpreter, up to the switch interval (5 ms) each time it gets it back after a
+        statement, and the HTTP process's writes wait for that lock; inline it never waits."""
         self._engine = engine
         self._sessions = sessionmaker(engine)
         self._sync_sessions: orm.sessionmaker[orm.Session] | None = None
@@ -197,14 +202,16 @@ class TransactionRunner:
             )
             _tune_sqlite(sync_engine)
             self._sync_sessions = orm.sessionmaker(sync_engine, expire_on_commit=False)
-            # One thread owns the connection; SQLite allows one writer at a time anyway.
-            self._thread = WriterThread("signoff-sqlite-writer")
+            if not inline:
+                # One thread owns the connection; SQLite allows one writer at a time anyway.
+                self._thread = WriterThread("signoff-sqlite-writer")
         self._lock = WriterLock(engine.url.database if is_sqlite(engine) else None)
 
     @property
     def shared(self) -> bool:
-        """Whether other processes may write the database at the same time: replicas on
-        PostgreSQL. SQLite serves one process."""
+        """Whether several processes may send the same card's updates: replicas on
+        PostgreSQL. On SQLite one process runs the outbox (`SIGNOFF_WORKER_PROCESSES` is 0 or
+        1, and `signoff worker` is refused)."""
         return self._sync_sessions is None
 
     async def run(
@@ -219,7 +226,7 @@ class TransactionRunner:
         are queued (see `storage.writer_thread`). `read_only`: the unit writes nothing, so on
         SQLite it begins deferred and takes neither the write lock nor the `WriterLock` (as
         `reading` does); a write in it is a bug."""
-        if self._sync_sessions is None or self._thread is None:
+        if self._sync_sessions is None:
             return await self._run_async(work)
         sync_sessions = self._sync_sessions
         lock = self._lock
@@ -232,6 +239,8 @@ class TransactionRunner:
             with lock.held(), sync_sessions.begin() as session:
                 return work(session)
 
+        if self._thread is None:
+            return in_thread()
         return await asyncio.wrap_future(self._thread.submit(in_thread, background=background))
 
     async def quiet(self, most: float) -> None:
