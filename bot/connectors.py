@@ -7,7 +7,6 @@ reads the environment. Adding a connector: see AGENTS.md.
 
 from __future__ import annotations
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from bot.settings import Settings, SettingsError
@@ -15,10 +14,11 @@ from connectors.alertmanager.connector import AlertmanagerConnector
 from connectors.base import Connector
 from connectors.github.app_auth import load_private_key
 from connectors.github.connector import GitHubConnector
+from connectors.outbound import Outbound
 from connectors.webhook.connector import WebhookConnector
 
 
-def build_connectors(settings: Settings, http: httpx.AsyncClient) -> dict[str, Connector]:
+def build_connectors(settings: Settings, http: Outbound) -> dict[str, Connector]:
     """Every configured connector by name. The generic webhook one is always on."""
     assert settings.webhook_secret is not None  # required at start-up
     secret = settings.webhook_secret.get_secret_value()
@@ -49,7 +49,7 @@ def build_connectors(settings: Settings, http: httpx.AsyncClient) -> dict[str, C
     return {connector.name: connector for connector in built}
 
 
-def _github(settings: Settings, http: httpx.AsyncClient) -> GitHubConnector:
+def _github(settings: Settings, http: Outbound) -> GitHubConnector:
     """On with GITHUB_WEBHOOK_SECRET. The App credentials are required with it: a deployment
     protection rule nobody answers holds the deployment until GitHub times the job out."""
     purpose = "answering GitHub deployment protection rules"

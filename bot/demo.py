@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlencode
 
-import httpx
+import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -103,8 +103,15 @@ class Demo:
     verifier: StandardWebhooks
     signing_secret: str
     out: TextIO
-    http: httpx.AsyncClient
+    http: aiohttp.ClientSession
     answers: list[dict[str, Any]] = field(default_factory=list)
+
+    async def post(
+        self, path: str, body: bytes | str, headers: dict[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        """POST to the running service as a source (or Slack) would: its status and JSON."""
+        async with self.http.post(f"{self.base}{path}", data=body, headers=headers) as response:
+            return response.status, await response.json()
 
     async def send_samples(self, source_url: str) -> list[dict[str, Any]]:
         answers = []
@@ -113,21 +120,19 @@ class Demo:
             body["callback_url"] = source_url
             raw = json.dumps(body).encode()
             headers = self.verifier.headers(msg_id=f"msg_{secrets.token_hex(8)}", body=raw)
-            response = await self.http.post(f"{self.base}/v1/events", content=raw, headers=headers)
-            answer = response.json()
+            status, answer = await self.post("/v1/events", raw, headers)
             answers.append({**answer, "title": body["title"], "version": body["version"]})
             self.out.write(
                 f"→ {body['title']}\n"
-                f"  {response.status_code}: {answer['decision']} by rule {answer['rule']}, "
+                f"  {status}: {answer['decision']} by rule {answer['rule']}, "
                 f"status {answer['status'] or '-'}\n"
             )
         self.out.write("→ the last delivery again, same webhook-id (a source retrying)\n")
-        again = await self.http.post(f"{self.base}/v1/events", content=raw, headers=headers)
-        self.out.write(f"  {again.status_code}: same answer, nothing new stored\n")
+        again, _ = await self.post("/v1/events", raw, headers)
+        self.out.write(f"  {again}: same answer, nothing new stored\n")
         forged = dict(headers, **{"webhook-signature": "v1,Zm9yZ2Vk"})
-        response = await self.http.post(f"{self.base}/v1/events", content=raw, headers=forged)
-        error = response.json()["error"]
-        self.out.write(f"→ a forged signature\n  {response.status_code}: {error}\n")
+        status, refused = await self.post("/v1/events", raw, forged)
+        self.out.write(f"→ a forged signature\n  {status}: {refused['error']}\n")
         return answers
 
     async def show_card(self, channel: str, heading: str, *, latest: bool = False) -> str:
@@ -172,10 +177,13 @@ class Demo:
             "x-slack-signature": signature,
         }
         started = time.perf_counter()
-        response = await self.http.post(f"{self.base}/slack/events", content=body, headers=headers)
+        async with self.http.post(
+            f"{self.base}/slack/events", data=body, headers=headers
+        ) as response:
+            await response.read()
         took = (time.perf_counter() - started) * 1000
         self.out.write(
-            f"→ {USERS[user]['real_name']} clicks Approve: acked {response.status_code} "
+            f"→ {USERS[user]['real_name']} clicks Approve: acked {response.status} "
             f"in {took:.1f} ms\n"
         )
         seen = len(self.slack.ephemerals)
@@ -193,21 +201,18 @@ class Demo:
             "X-GitHub-Delivery": str(uuid.uuid4()),
             "X-Hub-Signature-256": f"sha256={digest}",
         }
-        response = await self.http.post(f"{self.base}/hooks/github", content=raw, headers=headers)
-        [answer] = response.json()["requests"]
+        status, answered = await self.post("/hooks/github", raw, headers)
+        [answer] = answered["requests"]
         self.out.write(
             f"→ GitHub: may workflow run 5453085689 deploy sample-app to production?\n"
-            f"  {response.status_code}: {answer['decision']} by rule {answer['rule']}\n"
+            f"  {status}: {answer['decision']} by rule {answer['rule']}\n"
         )
         return {**answer, "version": await self._version(answer["request_id"])}
 
     async def alerts(self, name: str, token: str) -> dict[str, Any]:
         raw = (ALERT_FIXTURES / name).read_bytes()
         headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
-        response = await self.http.post(
-            f"{self.base}/hooks/alertmanager", content=raw, headers=headers
-        )
-        answer: dict[str, Any] = response.json()
+        _, answer = await self.post("/hooks/alertmanager", raw, headers)
         return answer
 
     async def _version(self, request_id: str) -> str:
@@ -278,7 +283,7 @@ async def run_demo(*, keep: bool, out: TextIO) -> int:
             f"database {database}\npolicy {DEMO_POLICY}\n\n"
         )
         try:
-            async with httpx.AsyncClient() as http:
+            async with aiohttp.ClientSession() as http:
                 demo = Demo(base, services, slack, source, verifier, signing_secret, out, http)
                 await _story(demo, f"http://127.0.0.1:{source_port}/approvals")
                 await _github_story(demo, github, github_secret)

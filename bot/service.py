@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import httpx
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.engine import make_url
@@ -34,8 +33,8 @@ from bot.sync import SyncBack
 from bot.worker import Handler, OutboxWorker
 from connectors.base import Cancellation, Connector
 from connectors.events import Event
+from connectors.outbound import Outbound
 from connectors.redaction import redact_text
-from connectors.transport import outbound_client
 from connectors.webhook import intake as webhook
 from connectors.webhook.connector import WebhookConnector
 from policies.anomaly import Measurement, anomaly_of
@@ -68,7 +67,7 @@ class Services:
     batcher: WriteBatcher
     runner: TransactionRunner
     watch: StatusWatch
-    http: httpx.AsyncClient
+    http: Outbound
     scheduler: Scheduler
     metrics: Metrics
     # The outbox worker, when it runs in this process; with `workers`, processes of its own
@@ -149,7 +148,7 @@ class Services:
         # with its problems listed, not after a migration.
         policy = load_policy(settings.policy_path)
         # The connectors too: a GitHub App key that cannot be read is a settings error.
-        http = outbound_client(timeout=settings.callback_timeout)
+        http = Outbound()
         connectors = build_connectors(settings, http)
         engine = await _open_database(settings, http)
         sessions = sessionmaker(engine)
@@ -256,7 +255,7 @@ class Services:
         await self.engine.dispose()
 
 
-async def _open_database(settings: Settings, http: httpx.AsyncClient) -> AsyncEngine:
+async def _open_database(settings: Settings, http: Outbound) -> AsyncEngine:
     """The engine, with the schema brought up to date; one clear line if the database is away."""
     engine = create_engine(settings.database_url)
     try:
@@ -377,7 +376,7 @@ class WorkerServices:
     settings: Settings
     engine: AsyncEngine
     runner: TransactionRunner
-    http: httpx.AsyncClient
+    http: Outbound
     metrics: Metrics
     worker: OutboxWorker
     slack: SlackParts | None = None
@@ -385,7 +384,7 @@ class WorkerServices:
     @classmethod
     async def start(cls, settings: Settings) -> WorkerServices:
         settings.require("webhook_secret", purpose="signing callbacks")
-        http = outbound_client(timeout=settings.callback_timeout)
+        http = Outbound()
         connectors = build_connectors(settings, http)
         engine = await _open_database(settings, http)
         metrics = Metrics()

@@ -7,12 +7,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 from connectors.alertmanager import intake
 from connectors.alertmanager.silences import DURATIONS, SilencesAPI, marker
 from connectors.base import Delivery, FinalDecision, SyncReceipt
 from connectors.errors import TerminalSyncError
+from connectors.outbound import Outbound
 from connectors.redaction import redact_url
 from connectors.webhook.callback import callback_payload, deliver_callback
 
@@ -30,7 +29,7 @@ class AlertmanagerConnector:
     def __init__(
         self,
         *,
-        client: httpx.AsyncClient,
+        client: Outbound,
         timeout: float,
         callback_secret: str,
         api_url: str | None = None,

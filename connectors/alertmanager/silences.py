@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from urllib.parse import urlencode
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from connectors.errors import TerminalSyncError
-from connectors.outbound import AnswerError, send
+from connectors.outbound import AnswerError, Outbound, send
 
 # What an approver may pick on the card, shortest first. Alertmanager takes any duration; a
 # short fixed list keeps a silence from being forgotten for weeks.
@@ -79,7 +79,7 @@ def _refusal(exc: AnswerError, what: str) -> TerminalSyncError:
 
 
 class SilencesAPI:
-    def __init__(self, client: httpx.AsyncClient, *, base_url: str, timeout: float) -> None:
+    def __init__(self, client: Outbound, *, base_url: str, timeout: float) -> None:
         self._client = client
         self._url = base_url.rstrip("/") + "/api/v2/silences"
         self._timeout = timeout
@@ -88,7 +88,7 @@ class SilencesAPI:
         """A silence on these labels whose comment carries the key, in any state."""
         # One filter per label: only silences with exactly these equality matchers come back.
         query = [("filter", f"{name}={_quote(value)}") for name, value in sorted(labels.items())]
-        url = str(httpx.URL(self._url, params=query))
+        url = f"{self._url}?{urlencode(query)}"
         try:
             answer = await send(
                 self._client, "GET", url, what="Alertmanager silences query", timeout=self._timeout

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from connectors.errors import TerminalSyncError
-from connectors.outbound import send
+from connectors.outbound import Outbound, send
 
 REFRESH_MARGIN = timedelta(minutes=5)
 # GitHub refuses an `exp` more than ten minutes ahead; `iat` is backdated by a minute for drift.
@@ -78,7 +77,7 @@ class AppAuth:
         app_id: str,
         private_key: RSAPrivateKey,
         api_url: str,
-        client: httpx.AsyncClient,
+        client: Outbound,
         timeout: float,
         clock: Callable[[], float] = time.time,
     ) -> None:

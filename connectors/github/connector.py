@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from connectors.base import Delivery, FinalDecision, SyncReceipt
@@ -14,7 +13,7 @@ from connectors.github import intake
 from connectors.github.app_auth import AppAuth, github_headers
 from connectors.github.review import review_body, review_url
 from connectors.github.signature import HubSignature
-from connectors.outbound import AnswerError, send
+from connectors.outbound import AnswerError, Outbound, send
 from connectors.redaction import redact_url
 
 
@@ -29,7 +28,7 @@ class GitHubConnector:
         api_url: str,
         app_id: str,
         private_key: RSAPrivateKey,
-        client: httpx.AsyncClient,
+        client: Outbound,
         timeout: float,
     ) -> None:
         self.verifier = HubSignature(webhook_secret)

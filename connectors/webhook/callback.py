@@ -15,13 +15,12 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import EmptyWebhookSecretError
 
 from connectors.base import FinalDecision
 from connectors.errors import TerminalSyncError
-from connectors.outbound import send
+from connectors.outbound import Outbound, send
 
 USER_AGENT = "Signoff-Callback/1"
 
@@ -44,7 +43,7 @@ def callback_payload(decision: FinalDecision) -> dict[str, Any]:
 
 
 async def deliver_callback(
-    client: httpx.AsyncClient,
+    client: Outbound,
     *,
     url: str,
     payload: dict[str, Any],

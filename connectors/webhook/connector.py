@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import httpx
-
 from connectors.base import Delivery, FinalDecision, SyncReceipt
 from connectors.errors import TerminalSyncError
+from connectors.outbound import Outbound
 from connectors.redaction import redact_url
 from connectors.webhook import intake
 from connectors.webhook.callback import callback_payload, deliver_callback
@@ -23,7 +22,7 @@ class WebhookConnector:
         *,
         secret: str,
         tolerance_seconds: int,
-        client: httpx.AsyncClient,
+        client: Outbound,
         timeout: float,
     ) -> None:
         self.verifier = StandardWebhooks(secret, tolerance_seconds=tolerance_seconds)

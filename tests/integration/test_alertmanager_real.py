@@ -11,7 +11,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import select
 
@@ -19,6 +18,7 @@ from bot.operator import show_request_command
 from bot.slack.cards import SILENCE_ACTION
 from connectors.alertmanager.silences import SilencesAPI
 from connectors.errors import TerminalSyncError
+from connectors.outbound import Outbound
 from storage.models import AuditRecord, OutboxJob, Request, Vote
 from tests.alertmanager_support import real_alertmanager
 from tests.integration.conftest import SlackRunning, slack_app
@@ -202,7 +202,7 @@ async def test_a_resolved_alert_cancels_its_request_and_the_card_says_so(
 async def test_the_real_alertmanagers_refusals_read_clearly(tmp_path: Path) -> None:
     """The two refusal shapes, as the real binary sends them, through our client."""
     async with real_alertmanager(tmp_path, webhook_url="http://127.0.0.1:9/", token=TOKEN) as am:
-        async with httpx.AsyncClient() as client:
+        async with Outbound() as client:
             api = SilencesAPI(client, base_url=am.url, timeout=5)
             now = datetime.now(UTC).replace(microsecond=0)
             with pytest.raises(TerminalSyncError) as bad_range:

@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 
 from connectors.alertmanager.connector import AlertmanagerConnector
 from connectors.base import FinalDecision, Voter
 from connectors.errors import RetryableSyncError, TerminalSyncError
-from connectors.transport import outbound_client
+from connectors.outbound import Outbound
 from tests.alertmanager_support import AlertmanagerStandIn, Refusal
 from tests.support import SECRET
 
@@ -32,12 +31,12 @@ async def alertmanager() -> AsyncIterator[AlertmanagerStandIn]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with outbound_client(timeout=5) as client:
+async def http() -> AsyncIterator[Outbound]:
+    async with Outbound() as client:
         yield client
 
 
-def connector(http: httpx.AsyncClient, api_url: str | None) -> AlertmanagerConnector:
+def connector(http: Outbound, api_url: str | None) -> AlertmanagerConnector:
     return AlertmanagerConnector(client=http, timeout=2, callback_secret=SECRET, api_url=api_url)
 
 

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -25,7 +24,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from bot.worker import OutboxWorker
 from connectors.base import FinalDecision, Voter
 from connectors.errors import RetryableSyncError, TerminalSyncError
-from connectors.transport import outbound_client
+from connectors.outbound import Outbound
 from connectors.webhook.callback import callback_payload, deliver_callback
 from storage import audit
 from storage.models import AuditRecord, JobStatus, OutboxJob
@@ -117,15 +116,15 @@ async def receiver():
 
 @pytest.fixture
 async def http():
-    # The product's client (httpx on aiohttp): these tests pin how its failures are classified.
-    async with outbound_client(timeout=5) as client:
+    # The product's client: these tests pin how its failures are classified.
+    async with Outbound() as client:
         yield client
 
 
 class CallbackHandler:
     """Stands in for the service's callback handler: payload carries the URL and the body."""
 
-    def __init__(self, client: httpx.AsyncClient, *, timeout: float = 2.0) -> None:
+    def __init__(self, client: Outbound, *, timeout: float = 2.0) -> None:
         self.client = client
         self.timeout = timeout
 
@@ -373,7 +372,7 @@ async def test_unreachable_receiver_is_retryable(http):
             http, url=url, payload=BODY, webhook_id="k", secret=SECRET, timeout=2.0
         )
     assert "abcdef123" not in str(raised.value)
-    assert "ConnectError" in str(raised.value)
+    assert "ClientConnectorError" in str(raised.value)
 
 
 async def test_redirect_and_bad_url_are_terminal(http, receiver):

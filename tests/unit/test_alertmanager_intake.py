@@ -194,9 +194,9 @@ def test_right_token_and_no_token_configured_are_accepted() -> None:
 
 
 async def test_connector_receive_uses_its_settings() -> None:
-    import httpx
+    from connectors.outbound import Outbound
 
-    async with httpx.AsyncClient() as client:
+    async with Outbound() as client:
         connector = AlertmanagerConnector(
             client=client, timeout=1, callback_secret="whsec_x", token=TOKEN
         )

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import jsonschema
 import jwt
 import pytest
@@ -18,7 +17,7 @@ from connectors.github.app_auth import AppAuth, load_private_key
 from connectors.github.connector import GitHubConnector
 from connectors.github.review import comment, review_body, review_url
 from connectors.github.standin import GitHubStandIn
-from connectors.transport import outbound_client
+from connectors.outbound import Outbound
 from tests.github_support import (
     APP_ID,
     INSTALLATION,
@@ -125,7 +124,7 @@ def test_app_jwt_claims() -> None:
         app_id=APP_ID,
         private_key=app_key(),
         api_url="https://api.github.com",
-        client=httpx.AsyncClient(),
+        client=Outbound(),
         timeout=1,
         clock=lambda: now,
     )
@@ -144,12 +143,12 @@ def test_a_bad_private_key_is_refused_without_echoing_it() -> None:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with outbound_client(timeout=5) as client:
+async def http() -> AsyncIterator[Outbound]:
+    async with Outbound() as client:
         yield client
 
 
-def connector(standin: GitHubStandIn, http: httpx.AsyncClient) -> GitHubConnector:
+def connector(standin: GitHubStandIn, http: Outbound) -> GitHubConnector:
     return GitHubConnector(
         webhook_secret=WEBHOOK_SECRET,
         api_url=standin.url,

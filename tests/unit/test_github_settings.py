@@ -6,18 +6,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from bot.connectors import build_connectors
 from bot.settings import SettingsError, load_settings
+from connectors.outbound import Outbound
 from tests.github_support import APP_ID, WEBHOOK_SECRET, app_key_pem
 from tests.support import SECRET
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
+async def http() -> AsyncIterator[Outbound]:
+    async with Outbound() as client:
         yield client
 
 

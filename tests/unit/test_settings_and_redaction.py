@@ -134,14 +134,13 @@ def test_redact_text_and_url() -> None:
 async def test_alertmanager_is_on_with_either_setting(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], on: bool, silences: bool
 ) -> None:
-    import httpx
-
     from bot.connectors import build_connectors
+    from connectors.outbound import Outbound
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = load_settings(SIGNOFF_WEBHOOK_SECRET=GOOD_SECRET)
-    async with httpx.AsyncClient() as client:
+    async with Outbound() as client:
         connectors = build_connectors(settings, client)
         assert ("alertmanager" in connectors) is on
         if on:
