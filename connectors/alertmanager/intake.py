@@ -67,7 +67,7 @@ def check_token(headers: Mapping[str, str], token: str | None) -> None:
 def parse(body: bytes) -> Notification:
     """Raise MalformedPayload naming the field; the version is checked before anything else, so
     a future format is refused for being one, not for a field it moved."""
-    data = refuse_nul(json_object(body))
+    data = refuse_nul(json_object(body), body)
     version = data.get("version")
     if version != VERSION:
         raise MalformedPayload(

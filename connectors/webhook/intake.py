@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from connectors.errors import MalformedPayload
@@ -38,16 +40,34 @@ def describe_validation_error(exc: ValidationError, *, limit: int = 3) -> str:
 def json_object(body: bytes) -> dict[str, Any]:
     """A JSON object body, or MalformedPayload saying why not; never a parser error as a 500."""
     try:
-        data = json.loads(body)
+        data = _loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedPayload(f"body is not valid JSON: {exc}") from None
     except RecursionError:
         raise MalformedPayload("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise MalformedPayload("body must be a JSON object")
-    if _deeper_than(data, MAX_DEPTH):
+    # A body cannot nest deeper than it has brackets: most never need the walk.
+    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _deeper_than(data, MAX_DEPTH):
         raise MalformedPayload(f"body is nested deeper than {MAX_DEPTH} levels")
     return data
+
+
+# orjson reads an integer beyond 64 bits as a float, silently: with one in the body (a run of
+# 19 digits or more, in a number or not), the standard library reads it.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def _loads(body: bytes) -> Any:
+    """orjson where it reads a body as the standard library does: several times faster, on
+    every delivery. What it refuses (NaN, infinities, lone surrogates, UTF-16, a BOM) it says
+    differently, so that is read, or refused, by the standard library, as before."""
+    if _LONG_DIGITS.search(body):
+        return json.loads(body)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def _deeper_than(value: object, limit: int) -> bool:
@@ -63,17 +83,19 @@ def _deeper_than(value: object, limit: int) -> bool:
     return False
 
 
-def refuse_nul(data: dict[str, Any]) -> dict[str, Any]:
+def refuse_nul(data: dict[str, Any], body: bytes | None = None) -> dict[str, Any]:
     """PostgreSQL cannot store U+0000 in text or JSONB: refuse it here, not at commit time.
-    (A connector whose source may send it in free text can drop it instead, as GitHub's does.)"""
-    if _contains_nul(data):
+    (A connector whose source may send it in free text can drop it instead, as GitHub's does.)
+    `body`, the JSON it was read from, spares the walk when it cannot hold one: a JSON string
+    holds U+0000 only as the escape `\\u0000` (a raw control character is invalid JSON)."""
+    if (body is None or b"\\u0000" in body) and _contains_nul(data):
         raise MalformedPayload("strings must not contain U+0000")
     return data
 
 
 def parse_body(body: bytes) -> EventBody:
     """Raise MalformedPayload naming the field."""
-    data = refuse_nul(json_object(body))
+    data = refuse_nul(json_object(body), body)
     try:
         return EventBody.model_validate(data)
     except ValidationError as exc:
