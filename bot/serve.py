@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -16,6 +17,16 @@ from bot.service import Services, WorkerServices
 from bot.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
+
+
+def _freeze_startup_heap() -> None:
+    """Move everything start-up made (modules, SQLAlchemy's metadata, pydantic's schemas, the
+    policy) out of the cyclic garbage collector's sight: it lives as long as the process, and
+    every full collection walked all of it. Measured under load: full collections paused the
+    event loop for ~90 ms each; after this, no collection took over 1 ms, and collecting took
+    a tenth of the time it did, or less."""
+    gc.collect()
+    gc.freeze()
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -36,6 +47,7 @@ async def serve(settings: Settings) -> None:
         # After Services.start: the schema is current before any worker opens the database.
         await workers.start()
     app = build_app(services)
+    _freeze_startup_heap()
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
@@ -78,6 +90,7 @@ async def work(
             on_parent_gone=stop.set,
             exposition=services.metrics.exposition,
         )
+    _freeze_startup_heap()
     running = asyncio.create_task(services.worker.run(), name="signoff-outbox-worker")
     log.info("outbox worker %s running", services.worker.name)
     stopping = asyncio.create_task(stop.wait())
