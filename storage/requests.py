@@ -128,14 +128,63 @@ _VOTES_OF_REQUEST = (
     .where(_VOTES.c.request_id == bindparam("request_id"))
     .order_by(_VOTES.c.created_at, _VOTES.c.id)
 )
+_VOTES_AFTER = (
+    select(*(_VOTES.c[name] for name in VoteView._fields))
+    .where(_VOTES.c.request_id == bindparam("request_id"), _VOTES.c.id > bindparam("after"))
+    .order_by(_VOTES.c.id)
+)
+
+
+def _in_order(vote: VoteView) -> tuple[datetime, int]:
+    return (vote.created_at, vote.id)
+
+
+class VoteCache:
+    """Requests' votes, kept by whoever reads the same requests again and again (the Slack
+    jobs read every vote for each card update and thread reply: reading them all, their JSON
+    columns parsed, was most of a busy request's side effects). Votes are never changed or
+    deleted, and one request's votes are inserted under its row lock (storage.votes), so their
+    ids grow in commit order: what the cached votes of a request lack is exactly the votes
+    after its highest cached id. Bounded in requests and in votes."""
+
+    def __init__(self, limit: int = 2_000, max_votes: int = 200_000) -> None:
+        self._limit = limit
+        self._max_votes = max_votes
+        self._held = 0
+        self._votes: dict[str, tuple[tuple[VoteView, ...], int]] = {}
+
+    def read(self, session: Session, request_id: str) -> Sequence[VoteView]:
+        votes, last = self._votes.get(request_id, ((), 0))
+        newer = [
+            VoteView._make(row)
+            for row in session.connection().execute(
+                _VOTES_AFTER, {"request_id": request_id, "after": last}
+            )
+        ]
+        if not newer:
+            return votes
+        votes = tuple(sorted((*votes, *newer), key=_in_order))
+        if len(self._votes) >= self._limit or self._held + len(newer) > self._max_votes:
+            self._votes.clear()
+            self._held = len(votes)
+        else:
+            self._held += len(newer)
+        self._votes[request_id] = (votes, max(last, newer[-1].id))
+        return votes
 
 
 def read_request(
-    session: Session, request_id: str, *, jobs: bool = True, events: EventCache | None = None
+    session: Session,
+    request_id: str,
+    *,
+    jobs: bool = True,
+    events: EventCache | None = None,
+    votes: VoteCache | None = None,
 ) -> RequestView:
     """`get_request` for a synchronous unit of work (`storage.db.TransactionRunner`: one hop
     for all three queries); without `jobs` when only the request and its votes are needed
-    (a card, a thread reply); with `events` when the caller keeps the events it has read."""
+    (a card, a thread reply); with `events` and `votes` when the caller keeps the events and
+    votes it has read."""
     if events is None:
         row = session.execute(
             select(Request, EventRecord)
@@ -148,10 +197,13 @@ def read_request(
         event = events.read(session, request.event_id) if request is not None else None
     if request is None or event is None:
         raise NotFound(f"no request {request_id!r}")
-    votes = [
-        VoteView._make(row)
-        for row in session.connection().execute(_VOTES_OF_REQUEST, {"request_id": request_id})
-    ]
+    if votes is not None:
+        cast: Sequence[VoteView] = votes.read(session, request_id)
+    else:
+        cast = [
+            VoteView._make(row)
+            for row in session.connection().execute(_VOTES_OF_REQUEST, {"request_id": request_id})
+        ]
     outbox: Sequence[OutboxJob] = ()
     if jobs:
         outbox = session.scalars(
@@ -159,7 +211,7 @@ def read_request(
             .where(OutboxJob.request_id == request_id)
             .order_by(OutboxJob.created_at)
         ).all()
-    return RequestView(request, event, votes, outbox)
+    return RequestView(request, event, cast, outbox)
 
 
 def read_decision(session: Session, request_id: str, *, idempotency_key: str) -> FinalDecision:

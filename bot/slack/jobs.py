@@ -24,7 +24,7 @@ from storage.db import TransactionRunner
 from storage.errors import NotFound
 from storage.models import OutboxJob, Request, RequestStatus
 from storage.outbox import ClaimedJob
-from storage.requests import EventCache, RequestView, read_request
+from storage.requests import EventCache, RequestView, VoteCache, read_request
 from storage.votes import SlackJobs, reply_votes
 
 POST_CARD = "slack.post_card"
@@ -51,6 +51,7 @@ class SlackJobHandlers:
         # connection). Reads are `read_only` units: they take no write lock at all.
         self._runner = runner
         self._events = EventCache()
+        self._votes = VoteCache()
         self._client = client
         self._directory = directory
         # Per request: [its lock, how many updates hold or wait for it].
@@ -86,7 +87,9 @@ class SlackJobHandlers:
         request_id = str(job.payload["request_id"])
         try:
             return await self._runner.run(
-                lambda session: read_request(session, request_id, jobs=False, events=self._events),
+                lambda session: read_request(
+                    session, request_id, jobs=False, events=self._events, votes=self._votes
+                ),
                 background=True,
                 read_only=True,
             )

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import dataclasses
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select, update
@@ -16,7 +17,7 @@ from storage.db import TransactionRunner, create_engine
 from storage.errors import NotFound
 from storage.ledger import Intake
 from storage.models import AuditRecord, OutboxJob, Request, Vote
-from storage.requests import EventCache, read_request
+from storage.requests import EventCache, VoteCache, read_request
 from storage.schema import upgrade
 from storage.votes import (
     REPLY_MAX_VOTES,
@@ -474,3 +475,35 @@ async def test_a_card_read_with_an_event_cache_reads_the_event_once_and_the_rest
     assert plain.event.body == after.event.body and plain.request.id == after.request.id
     with pytest.raises(NotFound):
         await read("r-missing")
+
+
+async def test_the_vote_cache_reads_only_newer_votes_and_keeps_the_order(runner) -> None:
+    """The Slack jobs keep the votes they read too (storage.requests.VoteCache): each read
+    fetches only the votes after the last it has, and the list reads as a plain read does,
+    ordered by time then id, whichever replica's clock a vote carries."""
+    request_id = await new_request(runner)
+    other = await new_request(runner)
+    votes = VoteCache()
+
+    def read(request: str):
+        def work(session):
+            view = read_request(session, request, jobs=False, votes=votes)
+            plain = read_request(session, request, jobs=False)
+            assert list(view.votes) == list(plain.votes)
+            return view
+
+        return runner.run(work)
+
+    assert list((await read(request_id)).votes) == []
+    await vote(runner, ballot(request_id, "U1", ["leads"]))
+    await vote(runner, ballot(other, "U1", ["leads"]))
+    first = await read(request_id)
+    # A replica whose clock is behind: its vote has a higher id and an earlier time.
+    earlier = ballot(request_id, "U2", ["leads"])
+    await vote(runner, dataclasses.replace(earlier, now=first.votes[0].created_at - timedelta(1)))
+    second = await read(request_id)
+    assert [v.user_id for v in first.votes] == ["U1"]
+    assert [v.user_id for v in second.votes] == ["U2", "U1"]
+    assert [v.user_id for v in (await read(other)).votes] == ["U1"]
+    # Nothing new: the cached list itself, no vote read again.
+    assert (await read(request_id)).votes is (await read(request_id)).votes
