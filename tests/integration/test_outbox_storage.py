@@ -403,7 +403,9 @@ async def test_concurrent_claims_never_share_a_job(db_url, engine):
                 worker_sessions, worker=name, limit=3, lease=LEASE, now=T0 + timedelta(seconds=1)
             ):
                 mine.extend(job.id for job in batch)
-                await asyncio.sleep(0)
+                # Long enough for a claimant asleep in SQLite's busy handler (1, 2, 5 ms...) to
+                # get its turn: with no pause one worker could take every batch on a busy machine.
+                await asyncio.sleep(0.01)
             return mine
 
         results = await asyncio.gather(
