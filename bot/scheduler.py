@@ -29,7 +29,11 @@ from storage.timers import Fired, TimerJobs, sweep
 
 log = logging.getLogger(__name__)
 
-SWEEP_BATCH = 200
+# Requests fired per transaction. Small: in an HTTP process whose transactions run inline
+# (storage.db.TransactionRunner), a batch holds the event loop while it runs, and a catch-up
+# after downtime (hundreds due at once) must not hold clicks for long (measured: ~0.4 ms a
+# request fired).
+SWEEP_BATCH = 50
 # How far back `since` is looked for when the schedule fired long ago (a weekly digest...).
 _PERIOD_LOOKBACK = timedelta(days=35)
 

@@ -242,10 +242,13 @@ class TransactionRunner:
         self, engine: AsyncEngine, *, inline: bool = False, checkpoint_every: float = 1.0
     ) -> None:
         """`inline`: on SQLite, run units on the calling thread (the event loop) rather than
-        a database thread. For a process whose loop answers no requests (an outbox worker
-        process): a unit on a thread of its own holds the `WriterLock` while it waits for
-        the interpreter, up to the switch interval (5 ms) each time it gets it back after a
-        statement, and the HTTP process's writes wait for that lock; inline it never waits."""
+        a database thread, for a process whose loop has no side effects to keep apart from its
+        requests (`serve`'s processes when worker processes run the outbox). A unit on a thread
+        holds the `WriterLock` while it waits for the interpreter, up to the switch interval
+        (5 ms) each time it gets it back after a statement, and the other process's writes wait
+        for that lock; handing every unit to a thread and back, and the two threads taking
+        turns at the interpreter, also cost a third of the intake's CPU. Inline, a unit blocks
+        the loop for as long as it runs, which is why sweeps come in small batches."""
         self._engine = engine
         self._sessions = sessionmaker(engine)
         self._sync_sessions: orm.sessionmaker[orm.Session] | None = None
