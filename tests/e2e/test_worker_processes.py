@@ -8,10 +8,14 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
+from tests.conftest import fresh_postgres_database
 from tests.e2e.conftest import Serve
 from tests.e2e.test_serve import post_event
 from tests.support import CallbackSink, alive, children, event_body, free_port, run_signoff
@@ -150,3 +154,48 @@ def test_sqlite_allows_one_worker_process_and_no_worker_of_its_own(
     alone = run_signoff("worker", env=serve_env)
     assert alone.returncode == 2
     assert "a `signoff worker` of its own needs PostgreSQL" in alone.stderr
+
+
+@pytest.mark.postgres
+async def test_a_worker_of_its_own_delivers_what_serve_left_queued(
+    serve_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`signoff worker` alone (PostgreSQL): the jobs a stopped `serve` could not deliver (its
+    receiver was down) are delivered by it, once, and SIGTERM stops it cleanly."""
+    sink = CallbackSink(port=free_port())
+    async with fresh_postgres_database() as url:
+        env = {
+            **serve_env,
+            "SIGNOFF_DATABASE_URL": url,
+            # The first attempt fails (the sink is down); the retry waits past the stop below.
+            "SIGNOFF_OUTBOX_BACKOFF_BASE": "1",
+            "SIGNOFF_OUTBOX_BACKOFF_MAX": "1",
+            "SIGNOFF_OUTBOX_MAX_ATTEMPTS": "10",
+        }
+        port = free_port()
+        serve = Serve({**env, "SIGNOFF_PORT": str(port)}, port, tmp_path / "serve.log")
+        await serve.start()
+        try:
+            answer = await post_event(
+                serve, event_body(attributes={"amount": 10}, callback_url=sink.url)
+            )
+            await asyncio.sleep(0.5)  # its first attempt: refused
+        finally:
+            assert serve.stop() == 0
+        await sink.start()
+        log = (tmp_path / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "bot.cli", "worker"], env=env, stdout=log, stderr=log
+        )
+        try:
+            await sink.wait_for(1, timeout=30)
+            assert [d.body["request_id"] for d in sink.deliveries] == [answer["request_id"]]
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+            assert len(sink.deliveries) == 1
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+            log.close()
+            await sink.stop()
