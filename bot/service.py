@@ -393,8 +393,9 @@ class WorkerServices:
         connectors = build_connectors(settings, http)
         engine = await _open_database(settings, http)
         metrics = Metrics()
-        # Inline: this process answers no requests (storage.db.TransactionRunner).
-        runner = TransactionRunner(engine, inline=True)
+        # Inline: this process answers no requests (storage.db.TransactionRunner). On SQLite
+        # its serve checkpoints the file.
+        runner = TransactionRunner(engine, inline=True, checkpoint_every=None)
         sessions = sessionmaker(engine)
         slack = _slack_parts(settings, metrics) if settings.slack_bot_token else None
         handlers = outbox_handlers(runner, sessions, connectors, slack, SystemClock())

@@ -239,7 +239,11 @@ class TransactionRunner:
     """
 
     def __init__(
-        self, engine: AsyncEngine, *, inline: bool = False, checkpoint_every: float = 1.0
+        self,
+        engine: AsyncEngine,
+        *,
+        inline: bool = False,
+        checkpoint_every: float | None = 1.0,
     ) -> None:
         """`inline`: on SQLite, run units on the calling thread (the event loop) rather than
         a database thread, for a process whose loop has no side effects to keep apart from its
@@ -248,7 +252,12 @@ class TransactionRunner:
         (5 ms) each time it gets it back after a statement, and the other process's writes wait
         for that lock; handing every unit to a thread and back, and the two threads taking
         turns at the interpreter, also cost a third of the intake's CPU. Inline, a unit blocks
-        the loop for as long as it runs, which is why sweeps come in small batches."""
+        the loop for as long as it runs, which is why sweeps come in small batches.
+
+        `checkpoint_every`: on a SQLite file, the seconds between this runner's checkpoints
+        (`Checkpointer`; its commits never checkpoint), or None when another process's
+        runner checkpoints the file (a worker process's: its `serve` does). Exactly one runner
+        per file must checkpoint, or the write-ahead log grows without end."""
         self._engine = engine
         self._sessions = sessionmaker(engine)
         self._sync_sessions: orm.sessionmaker[orm.Session] | None = None
@@ -264,11 +273,9 @@ class TransactionRunner:
             if not inline:
                 # One thread owns the connection; SQLite allows one writer at a time anyway.
                 self._thread = WriterThread("signoff-sqlite-writer")
-                # The process with a database thread checkpoints: on SQLite there is one, the
-                # HTTP process (a worker process's units run inline).
-                database = engine.url.database
-                if database and database != ":memory:":
-                    self._checkpointer = Checkpointer(database, interval=checkpoint_every)
+            database = engine.url.database
+            if checkpoint_every is not None and database and database != ":memory:":
+                self._checkpointer = Checkpointer(database, interval=checkpoint_every)
         self._lock = WriterLock(engine.url.database if is_sqlite(engine) else None)
 
     @property

@@ -117,6 +117,31 @@ async def test_a_worker_process_does_not_outlive_a_killed_serve(serve: Serve) ->
     await until(lambda: not alive(worker), "the orphaned worker to exit")
 
 
+async def test_the_write_ahead_log_is_checkpointed_while_serve_runs(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """Both processes' commits leave the log to serve's checkpointer (storage.db.Checkpointer):
+    the database file grows while they write, not only when serve stops. Without it the log
+    would grow for as long as serve runs."""
+    database = tmp_path / "signoff.db"
+    before = database.stat().st_size
+    sink = CallbackSink(port=free_port())
+    await sink.start()
+    try:
+        notes = "n" * 20_000  # ~2 MB in all: well under SQLite's own 4 MB threshold
+        for _ in range(100):
+            await post_event(
+                serve,
+                event_body(attributes={"amount": 10, "notes": notes}, callback_url=sink.url),
+            )
+        await sink.wait_for(100)
+        await until(
+            lambda: database.stat().st_size > before + 1_500_000, "the log to be checkpointed"
+        )
+    finally:
+        await sink.stop()
+
+
 async def test_without_worker_processes_serve_runs_the_outbox_itself(
     serve_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from storage.db import TransactionRunner, create_engine
@@ -68,7 +69,8 @@ async def test_writes_wait_for_the_other_process_and_reads_do_not(tmp_path: Path
         await engine.dispose()
 
 
-async def test_commits_leave_the_log_to_the_checkpointer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["database thread", "inline"])
+async def test_commits_leave_the_log_to_the_checkpointer(tmp_path: Path, inline: bool) -> None:
     """storage.db.Checkpointer: no commit of the runner copies the write-ahead log into the
     database file (that commit would hold every writer while it fsyncs); the checkpointer
     does, off the commit path, and once more when the runner closes."""
@@ -76,13 +78,11 @@ async def test_commits_leave_the_log_to_the_checkpointer(tmp_path: Path) -> None
     wal = Path(f"{database}-wal")
     engine = create_engine(f"sqlite+aiosqlite:///{database}")
     # An interval the test outlasts: only closing checkpoints.
-    runner = TransactionRunner(engine, checkpoint_every=3600)
+    runner = TransactionRunner(engine, inline=inline, checkpoint_every=3600)
     try:
         await runner.run(lambda s: s.execute(text("CREATE TABLE t (b BLOB)")))
         for _ in range(12):  # ~6 MB: past SQLite's own 1,000-page threshold several times
-            await runner.run(
-                lambda s: s.execute(text("INSERT INTO t VALUES (randomblob(500000))"))
-            )
+            await runner.run(lambda s: s.execute(text("INSERT INTO t VALUES (randomblob(500000))")))
         assert wal.stat().st_size > 5_000_000
         assert database.stat().st_size < 1_000_000, "a commit checkpointed the log"
     finally:
