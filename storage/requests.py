@@ -103,7 +103,9 @@ class EventCache:
     """Recorded events, kept by whoever reads the same requests again and again (the Slack
     jobs render a card on every vote). An event never changes once recorded, and reading it
     (its JSON body parsed, an entity built) was the larger part of such a read. Bounded; its
-    entities are detached, read-only copies."""
+    entities are detached, read-only copies: each leaves its session as soon as it is read,
+    so that a transaction that fails afterwards (a dropped connection) cannot expire it, which
+    would leave the cache a copy that no later read can use."""
 
     def __init__(self, limit: int = 2_000) -> None:
         self._limit = limit
@@ -115,6 +117,7 @@ class EventCache:
             event = session.get(EventRecord, event_id)
             if event is None:
                 return None
+            session.expunge(event)
             if len(self._events) >= self._limit:
                 self._events.clear()
             self._events[event_id] = event

@@ -477,6 +477,27 @@ async def test_a_card_read_with_an_event_cache_reads_the_event_once_and_the_rest
         await read("r-missing")
 
 
+async def test_a_failed_read_leaves_the_event_cache_usable(runner: TransactionRunner) -> None:
+    """A unit that read a card through the cache and then failed (rolled back: on PostgreSQL
+    a restart drops its connection) must not leave an expired event in the cache; once the
+    cached copy was unusable and every later card of that request failed until it was
+    dead-lettered."""
+    request_id = await new_request(runner)
+    events = EventCache()
+
+    def read_then_fail(session):
+        read_request(session, request_id, jobs=False, events=events)
+        raise RuntimeError("the connection went away")
+
+    with pytest.raises(RuntimeError):
+        await runner.run(read_then_fail)
+    view = await runner.run(
+        lambda session: read_request(session, request_id, jobs=False, events=events)
+    )
+    plain = await runner.run(lambda session: read_request(session, request_id, jobs=False))
+    assert view.event.body == plain.event.body and view.event.id == plain.event.id
+
+
 async def test_the_vote_cache_reads_only_newer_votes_and_keeps_the_order(runner) -> None:
     """The Slack jobs keep the votes they read too (storage.requests.VoteCache): each read
     fetches only the votes after the last it has, and the list reads as a plain read does,
