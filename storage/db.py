@@ -258,8 +258,10 @@ class TransactionRunner:
 
         `checkpoint_every`: on a SQLite file, the seconds between this runner's checkpoints
         (`Checkpointer`; its commits never checkpoint), or None when another process's
-        runner checkpoints the file (a worker process's: its `serve` does). Exactly one runner
-        per file must checkpoint, or the write-ahead log grows without end."""
+        runner checkpoints the file (a worker process's: its `serve` does). Some runner of a
+        file must checkpoint, or the write-ahead log grows without end; a second one (a CLI
+        command's, while `serve` runs) does no harm, as a checkpoint that meets another
+        skips."""
         self._engine = engine
         self._sessions = sessionmaker(engine)
         self._sync_sessions: orm.sessionmaker[orm.Session] | None = None

@@ -172,7 +172,7 @@ class VoteCache:
             self._held = len(votes)
         else:
             self._held += len(newer)
-        self._votes[request_id] = (votes, max(last, newer[-1].id))
+        self._votes[request_id] = (votes, newer[-1].id)  # newer: after `last`, by id
         return votes
 
 
